@@ -1,0 +1,16 @@
+"""The built-in plugin: the hardware profiles shipped with qdeploy."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pluggy
+
+from .profiles import builtin_profile_dir
+
+hookimpl = pluggy.HookimplMarker("qdeploy")
+
+
+@hookimpl
+def qdeploy_register_profiles(register: Callable[[Path], None]) -> None:
+    register(builtin_profile_dir())

@@ -1,0 +1,151 @@
+"""Deployment bundles: a folder with ``manifest.json``, the FP32 reference, the artifacts, warm-up samples
+and ``report.md``. Written into a temporary folder beside the destination and renamed into place; loading
+checks the schema version and the sha256 of every file, and refuses a tampered or unknown bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+from .model import sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SAMPLES = "samples.npz"
+
+
+def path_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder (over its files' relative paths and contents, in sorted order)."""
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def path_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prepare_output(output: Path) -> Path:
+    """Check ``output`` can receive a bundle and return a fresh staging folder beside it."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise BundleError(f"output {output} exists and is a file; choose another -o folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
+        raise BundleError(f"output folder {output} is not empty and is not a qdeploy bundle; choose another -o "
+                          f"folder or empty it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+
+
+def commit(staging: Path, output: Path) -> None:
+    """Atomically (as far as the filesystem allows) replace ``output`` with ``staging``."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``files`` integrity map (every file but the manifest) and write ``manifest.json``."""
+    manifest["schema_version"] = SCHEMA_VERSION
+    manifest["files"] = {f.relative_to(staging).as_posix(): sha256_file(f)
+                         for f in sorted(staging.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return manifest
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+class Bundle:
+    """A loaded, integrity-checked bundle."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path, self.manifest = Path(path), manifest
+
+    @classmethod
+    def load(cls, path: str | Path, check: bool = True) -> Bundle:
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise BundleError(f"{path} is not a qdeploy bundle (no {MANIFEST}); create one with `qdeploy deploy`")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{mf} is not valid JSON ({exc}); the bundle is damaged: deploy again") from None
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        if version != SCHEMA_VERSION:
+            raise BundleError(f"{path}: bundle schema version {version!r} is unknown; this qdeploy reads version "
+                              f"{SCHEMA_VERSION}: deploy again with this version")
+        bundle = cls(path, manifest)
+        if check:
+            bundle.check_integrity()
+        return bundle
+
+    def check_integrity(self) -> None:
+        for rel, digest in self.manifest.get("files", {}).items():
+            f = self.path / rel
+            if not f.is_file():
+                raise BundleError(f"bundle {self.path}: {rel} is missing; the bundle is incomplete: deploy again")
+            if sha256_file(f) != digest:
+                raise BundleError(f"bundle {self.path}: {rel} was modified after the bundle was written (sha256 "
+                                  f"mismatch); refusing to use it: deploy again")
+        for art in self.artifacts:
+            if path_sha256(self.path / art["path"]) != art["sha256"]:
+                raise BundleError(f"bundle {self.path}: artifact {art['path']} does not match its sha256; deploy "
+                                  f"again")
+
+    @property
+    def artifacts(self) -> list[dict[str, Any]]:
+        return self.manifest["artifacts"]
+
+    @property
+    def reference_path(self) -> Path:
+        return self.path / self.manifest["reference"]["path"]
+
+    def artifact(self, key: int | str) -> dict[str, Any]:
+        if isinstance(key, int):
+            return self.artifacts[key]
+        for art in self.artifacts:
+            if art["id"] == key:
+                return art
+        raise BundleError(f"bundle {self.path} has no artifact {key!r}; it has "
+                          f"{', '.join(a['id'] for a in self.artifacts)}")
+
+    def runner(self, key: int | str = 0) -> Any:
+        """A runner for one artifact, through the backend that built it."""
+        from .plugins import get_registry
+
+        art = self.artifact(key)
+        backend = get_registry().backends.get(art["backend"])
+        if backend is None:
+            raise BundleError(f"artifact {art['id']} needs the {art['backend']!r} backend, which is not installed")
+        return backend.runner(self.path / art["path"], art.get("meta", {}))
+
+    def reference_runner(self) -> Any:
+        from .backend import OrtRunner
+        return OrtRunner(self.reference_path)
+
+    def samples(self) -> dict[str, np.ndarray]:
+        """Warm-up samples: ``input:<name>``, ``reference:<output>`` and ``<artifact id>:<output>`` arrays."""
+        with np.load(self.path / SAMPLES) as data:
+            return dict(data)

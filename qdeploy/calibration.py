@@ -1,0 +1,435 @@
+"""Calibration and validation data, and the observers that turn data into activation ranges.
+
+Data comes from a folder of ``.npy``/``.npz`` files, one ``.npz``, arrays, or any Python iterable; it is
+checked against the model's inputs (shape, dtype, NaN/Inf) and served in batches. An ``.npz`` holds one array
+per model input keyed by input name (a single-input model takes any one array) and labels under ``y``.
+
+Observers (min-max, moving average, percentile, entropy/KL, MSE) are updated batch by batch, so memory stays
+bounded by one batch of activations plus a fixed-size histogram per tensor.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+from .model import ModelHandle
+from .spec import ActivationSpec, CalibrationSpec
+
+LABEL_KEY = "y"
+Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+class Dataset:
+    """Validated, re-iterable batches of named model inputs with optional labels."""
+
+    def __init__(self, chunks: Callable[[], Iterator[Batch]], model: ModelHandle, name: str,
+                 batch_size: int = 32, limit: int | None = None) -> None:
+        self._chunks, self.model, self.name = chunks, model, name
+        self.batch_size, self.limit = batch_size, limit
+        self.count = 0
+        self.has_labels = False
+        for _ in self.batches():  # one full pass: shapes, dtypes, finiteness, size
+            pass
+        if self.count == 0:
+            raise DataError(f"{name}: no samples (the data is empty)")
+
+    def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        """Yield ``(inputs, labels)`` batches of at most ``batch_size`` samples (checked as they stream)."""
+        size = batch_size or self.batch_size
+        seen, buf_x, buf_y = 0, [], []
+        for x, y in self._chunks():
+            x = self._check(x, seen)
+            n = len(next(iter(x.values())))
+            if y is not None:
+                y = np.asarray(y).reshape(-1)
+                if len(y) != n:
+                    raise DataError(f"{self.name}: {len(y)} labels for {n} samples; give one label per sample")
+            if self.limit is not None:
+                n = min(n, self.limit - seen)
+                x = {k: v[:n] for k, v in x.items()}
+                y = None if y is None else y[:n]
+            for start in range(0, n, size):
+                bx = {k: v[start:start + size] for k, v in x.items()}
+                by = None if y is None else y[start:start + size]
+                buf_x.append(bx)
+                buf_y.append(by)
+                if sum(len(next(iter(b.values()))) for b in buf_x) >= size:
+                    yield _merge(buf_x, buf_y)
+                    buf_x, buf_y = [], []
+            seen += n
+            if self.limit is not None and seen >= self.limit:
+                break
+        if buf_x:
+            yield _merge(buf_x, buf_y)
+        self.count = seen
+
+    def arrays(self) -> Batch:
+        """All samples at once (for validation sets, which are small)."""
+        parts = list(self.batches(max(self.batch_size, 256)))
+        return _merge([p[0] for p in parts], [p[1] for p in parts])
+
+    def _check(self, x: dict[str, np.ndarray], offset: int) -> dict[str, np.ndarray]:
+        out = {}
+        for info in self.model.inputs:
+            if info.name not in x:
+                raise DataError(f"{self.name}: no array for model input {info.name!r}; found {sorted(x)}. Key "
+                                f"each array by its input name")
+            arr = np.asarray(x[info.name])
+            if arr.dtype.kind not in "fiub":
+                raise DataError(f"{self.name}: input {info.name!r} has dtype {arr.dtype}; expected numbers "
+                                f"({info.dtype})")
+            if arr.ndim == len(info.shape) - 1:
+                arr = arr[None]
+            want = info.shape[1:]
+            if arr.ndim != len(info.shape) or any(w is not None and w != g for w, g in zip(want, arr.shape[1:])):
+                shown = "x".join("N" if d is None else str(d) for d in info.shape)
+                raise DataError(f"{self.name}: input {info.name!r} has samples of shape "
+                                f"{'x'.join(map(str, arr.shape[1:]))} (array {arr.shape}); the model takes "
+                                f"{shown}. Fix the data layout (e.g. NCHW vs NHWC) or --input-shape")
+            arr = arr.astype(info.dtype, copy=False)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = int(np.argwhere(~np.isfinite(arr).reshape(len(arr), -1).all(axis=1))[0, 0]) + offset
+                raise DataError(f"{self.name}: input {info.name!r} holds NaN or Inf (first in sample {bad}); "
+                                f"remove or clean those samples")
+            out[info.name] = arr
+        return out
+
+
+def _merge(xs: list[dict[str, np.ndarray]], ys: list) -> Batch:
+    x = {k: np.concatenate([b[k] for b in xs]) for k in xs[0]}
+    y = None if any(v is None for v in ys) else np.concatenate(ys)
+    return x, y
+
+
+def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec | None = None,
+              limit: int | None = None) -> Dataset | None:
+    """A :class:`Dataset` from a path (folder of .npy/.npz, one .npz or .npy), arrays, or an iterable.
+
+    For calibration (``cal`` given) at most ``cal.samples`` samples are drawn with ``cal.seed``, the same
+    number per class when labels exist and ``cal.balanced`` is set.
+    """
+    if source is None:
+        return None
+    name = f"{role} data {source}" if isinstance(source, (str, Path)) else f"{role} data"
+    batch = cal.batch_size if cal else 32
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"{role} data {path} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.stem not in ("y", "labels"))
+            if not files:
+                raise DataError(f"{role} folder {path} holds no .npy or .npz files")
+            label_file = next((path / f for f in ("y.npy", "labels.npy") if (path / f).is_file()), None)
+            chunks = _folder_chunks(files, model, label_file, name)
+            return Dataset(chunks, model, name, batch, limit or (cal.samples if cal else None))
+        if path.suffix not in (".npz", ".npy"):
+            raise DataError(f"{role} data {path}: use a .npz file, a .npy file or a folder of them")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            arrays = dict(loaded) if path.suffix == ".npz" else {"": loaded}
+        except Exception as exc:
+            raise DataError(f"{role} data {path} cannot be read: {exc}") from None
+        x, y = _name_arrays(arrays, model, name)
+    elif isinstance(source, np.ndarray) or isinstance(source, dict):
+        x, y = _name_arrays(source if isinstance(source, dict) else {"": source}, model, name)
+    elif isinstance(source, Iterable):
+        items = source
+
+        def chunks() -> Iterator[Batch]:
+            for item in items:
+                if isinstance(item, tuple) and len(item) == 2:
+                    yield _name_arrays({"": item[0]} if not isinstance(item[0], dict) else item[0], model, name)[0], item[1]
+                else:
+                    yield _name_arrays(item if isinstance(item, dict) else {"": item}, model, name)
+        return Dataset(chunks, model, name, batch, limit or (cal.samples if cal else None))
+    else:
+        raise DataError(f"{role} data: cannot read a {type(source).__name__}; pass a folder, .npz/.npy, arrays or "
+                        f"an iterable")
+    n = len(next(iter(x.values())))
+    if n == 0:
+        raise DataError(f"{name}: no samples (the arrays are empty)")
+    if cal is not None:
+        idx = select(n, cal, y)
+        x = {k: v[idx] for k, v in x.items()}
+        y = None if y is None else y[idx]
+    return Dataset(lambda: iter([(x, y)]), model, name, batch, limit)
+
+
+def select(n: int, cal: CalibrationSpec, labels: np.ndarray | None) -> np.ndarray:
+    """Indices of the calibration subset: ``cal.samples`` drawn with ``cal.seed``, balanced across classes."""
+    rng = np.random.default_rng(cal.seed)
+    k = min(n, cal.samples)
+    if labels is None or not cal.balanced or k == n:
+        return np.sort(rng.permutation(n)[:k])
+    classes = np.unique(labels)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    picked: list[int] = []
+    r = 0
+    while len(picked) < k:  # round robin over classes: equal counts as long as each class has samples
+        for idx in per_class:
+            if r < len(idx) and len(picked) < k:
+                picked.append(int(idx[r]))
+        r += 1
+    return np.sort(np.array(picked))
+
+
+def _name_arrays(arrays: dict[str, Any], model: ModelHandle, name: str) -> Batch:
+    arrays = dict(arrays)
+    y = arrays.pop(LABEL_KEY, None)
+    names = [i.name for i in model.inputs]
+    if len(names) == 1 and names[0] not in arrays:
+        if len(arrays) != 1:
+            raise DataError(f"{name}: holds arrays {sorted(arrays)}; for this single-input model give one array "
+                            f"(or one keyed {names[0]!r}) plus optional labels under {LABEL_KEY!r}")
+        arrays = {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise DataError(f"{name}: no array for model input(s) {missing}; found {sorted(arrays)}")
+    return {n: np.asarray(arrays[n]) for n in names}, (None if y is None else np.asarray(y))
+
+
+def _folder_chunks(files: list[Path], model: ModelHandle, label_file: Path | None, name: str):
+    labels = np.load(label_file).reshape(-1) if label_file else None
+
+    def chunks() -> Iterator[Batch]:
+        offset = 0
+        for f in files:
+            try:
+                loaded = np.load(f, allow_pickle=False)
+                arrays = dict(loaded) if f.suffix == ".npz" else {"": loaded}
+            except Exception as exc:
+                raise DataError(f"{name}: {f.name} cannot be read: {exc}") from None
+            x, y = _name_arrays(arrays, model, f"{name}/{f.name}")
+            n = len(next(iter(x.values())))
+            first = model.inputs[0]
+            if x[first.name].ndim == len(first.shape) - 1:
+                n = 1
+            if y is None and labels is not None:
+                y = labels[offset:offset + n]
+            offset += n
+            yield x, y
+    return chunks
+
+
+# --- observers ----------------------------------------------------------------------------------------------
+class Observer:
+    """Tracks one tensor's statistics over batches and proposes a quantization range ``(lo, hi)``."""
+
+    def update(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def range(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+
+class MinMaxObserver(Observer):
+    def __init__(self) -> None:
+        self.lo, self.hi = math.inf, -math.inf
+
+    def update(self, x: np.ndarray) -> None:
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+
+    def range(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+class MovingAverageObserver(Observer):
+    """Exponential moving average of each batch's min and max: ``r = momentum*r + (1-momentum)*batch``."""
+
+    def __init__(self, momentum: float) -> None:
+        self.momentum, self.lo, self.hi = momentum, None, None
+
+    def update(self, x: np.ndarray) -> None:
+        lo, hi = float(x.min()), float(x.max())
+        m = self.momentum
+        self.lo = lo if self.lo is None else m * self.lo + (1 - m) * lo
+        self.hi = hi if self.hi is None else m * self.hi + (1 - m) * hi
+
+    def range(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+class HistogramObserver(Observer):
+    """A streaming histogram over [-R, R] (``bins`` even). When data exceeds R, R doubles (as often as needed)
+    and neighbouring bins merge exactly, so the histogram never needs a second pass over the data."""
+
+    def __init__(self, bins: int = 2048) -> None:
+        self.bins, self.radius = bins, 0.0
+        self.hist = np.zeros(bins, dtype=np.float64)
+        self.lo, self.hi = math.inf, -math.inf
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        lo, hi = float(x.min()), float(x.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        peak = max(abs(lo), abs(hi), 1e-12)
+        if self.radius == 0.0:
+            self.radius = 2.0 ** math.ceil(math.log2(peak))
+        while peak > self.radius:
+            self._double()
+        self.hist += np.histogram(x, bins=self.bins, range=(-self.radius, self.radius))[0]
+
+    def _double(self) -> None:
+        merged = self.hist.reshape(-1, 2).sum(axis=1)  # bin pairs merge into the middle half of the new range
+        q = self.bins // 4
+        self.hist = np.zeros(self.bins)
+        self.hist[q:q + len(merged)] = merged
+        self.radius *= 2.0
+
+    @property
+    def centers(self) -> np.ndarray:
+        w = 2 * self.radius / self.bins
+        return -self.radius + w * (np.arange(self.bins) + 0.5)
+
+    def range(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+class PercentileObserver(HistogramObserver):
+    """Clips both tails at the ``percentile`` (e.g. 99.99 keeps all but the most extreme 0.01% per side)."""
+
+    def __init__(self, percentile: float) -> None:
+        super().__init__()
+        self.p = percentile
+
+    def range(self) -> tuple[float, float]:
+        cdf = np.cumsum(self.hist) / self.hist.sum()
+        edges = np.linspace(-self.radius, self.radius, self.bins + 1)
+        tail = 1.0 - self.p / 100.0
+        lo = edges[np.searchsorted(cdf, tail, side="left")]
+        hi = edges[min(np.searchsorted(cdf, 1.0 - tail, side="left") + 1, self.bins)]
+        return max(self.lo, float(lo)), min(self.hi, float(hi))
+
+
+class EntropyObserver(HistogramObserver):
+    """KL-divergence threshold search on |x| (TensorRT's entropy calibration): the clipping threshold whose
+    128-level quantized distribution loses the least information."""
+
+    def __init__(self, levels: int = 128, stride: int = 4) -> None:
+        super().__init__()
+        self.levels, self.stride = levels, stride
+
+    def range(self) -> tuple[float, float]:
+        half = self.bins // 2
+        absh = self.hist[half:] + self.hist[:half][::-1]
+        width = self.radius / half
+        best_i, best_kl = half, math.inf
+        for i in range(self.levels, half + 1, self.stride):
+            p = absh[:i].copy()
+            p[i - 1] += absh[i:].sum()  # outliers clip into the last bin
+            if p.sum() == 0:
+                continue
+            chunks = np.array_split(np.arange(i), self.levels)
+            q = np.zeros(i)
+            for c in chunks:
+                nz = absh[c] > 0
+                if nz.any():
+                    q[c[nz]] = absh[c].sum() / nz.sum()
+            ps, qs = p / p.sum(), q / max(q.sum(), 1e-12)
+            mask = ps > 0
+            kl = float(np.sum(ps[mask] * np.log(ps[mask] / np.maximum(qs[mask], 1e-12))))
+            if kl < best_kl:
+                best_kl, best_i = kl, i
+        t = best_i * width
+        return max(self.lo, -t), min(self.hi, t)
+
+
+class MSEObserver(HistogramObserver):
+    """The clipping range (a shrink factor of [min, max]) that minimises the expected squared quantization
+    error of the observed distribution, for 8-bit affine quantization."""
+
+    def __init__(self, symmetric: bool, qlevels: int = 255, candidates: int = 64) -> None:
+        super().__init__()
+        self.symmetric, self.qlevels, self.candidates = symmetric, qlevels, candidates
+
+    def range(self) -> tuple[float, float]:
+        c, n = self.centers, self.hist
+        keep = n > 0
+        c, n = c[keep], n[keep]
+        lo0, hi0 = min(self.lo, 0.0), max(self.hi, 0.0)
+        if self.symmetric:
+            m = max(-lo0, hi0)
+            lo0, hi0 = -m, m
+        best, best_err = (lo0, hi0), math.inf
+        for k in np.linspace(0.2, 1.0, self.candidates):
+            lo, hi = lo0 * k, hi0 * k
+            scale = max(hi - lo, 1e-12) / self.qlevels
+            zp = np.round(-lo / scale)
+            deq = (np.clip(np.round(c / scale) + zp, 0, self.qlevels) - zp) * scale
+            err = float(np.sum(n * (c - deq) ** 2))
+            if err < best_err:
+                best_err, best = err, (lo, hi)
+        return max(self.lo, best[0]), min(self.hi, best[1])
+
+
+def make_observer(act: ActivationSpec) -> Observer:
+    return {"minmax": MinMaxObserver, "moving_average": lambda: MovingAverageObserver(act.momentum),
+            "percentile": lambda: PercentileObserver(act.percentile), "entropy": EntropyObserver,
+            "mse": lambda: MSEObserver(act.symmetric)}[act.method]()
+
+
+# --- range collection on the FP32 reference ------------------------------------------------------------------
+@dataclass
+class ActivationRanges:
+    """Calibrated ``(lo, hi)`` per activation tensor of the reference ONNX (by tensor name)."""
+
+    method: str
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    samples: int = 0
+
+    def get(self, tensor: str) -> tuple[float, float]:
+        if tensor not in self.ranges:
+            raise KeyError(f"no calibrated range for tensor {tensor!r}")
+        return self.ranges[tensor]
+
+
+def activation_tensors(proto: Any) -> list[str]:
+    """Names of the float activation tensors of a graph: its inputs and every node output."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    inits = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in inits]
+    names += [o for n in proto.graph.node for o in n.output if o]
+    return [n for n in dict.fromkeys(names) if types.get(n) == onnx.TensorProto.FLOAT]
+
+
+def collect_ranges(model: ModelHandle, data: Dataset, act: ActivationSpec,
+                   progress: Callable[[int, int], None] | None = None) -> ActivationRanges:
+    """Run the FP32 reference over ``data`` with every activation exposed and feed the observers."""
+    import onnx
+
+    from .backend import OrtRunner
+
+    proto = onnx.load(str(model.onnx_path))
+    tensors = activation_tensors(proto)
+    existing = {o.name for o in proto.graph.output}
+    for t in tensors:
+        if t not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    observers = {t: make_observer(act) for t in tensors}
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="qdeploy-calib-") as tmp:
+        path = Path(tmp) / "augmented.onnx"
+        onnx.save(proto, str(path))
+        runner = OrtRunner(path)
+        for x, _ in data.batches():
+            out = runner.infer(x)
+            for t in tensors:
+                observers[t].update(out[t])
+            done += len(next(iter(x.values())))
+            if progress:
+                progress(done, data.count)
+        runner.close()
+    return ActivationRanges(act.method, {t: tuple(map(float, o.range())) for t, o in observers.items()}, done)

@@ -1,0 +1,266 @@
+"""The ``qdeploy`` command line: a thin layer over :mod:`qdeploy.pipeline`.
+
+Exit codes: 0 success, 1 accuracy budget not met under ``strict`` (or ``verify`` found a failing artifact),
+2 bad input (one line on stderr, no traceback), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import QDeployError
+
+
+def _echo(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Bar:
+    """A one-line progress bar on stderr (only on a terminal)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.tty or (time.monotonic() - self.last < 0.1 and done < total):
+            return
+        self.last = time.monotonic()
+        width = 30
+        fill = int(width * done / max(total, 1))
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{what:<24} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}{end}")
+        sys.stderr.flush()
+
+
+def _registry():
+    from .plugins import get_registry
+    return get_registry()
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .pipeline import deploy
+    from .report import events_text, summary_rows, text_table
+
+    bundle = deploy(args.model, target=args.target, spec=args.spec, calib=args.calib, val=args.val,
+                    output=args.output, input_shape=args.input_shape, backends=args.backend, policy=args.policy,
+                    per_layer=args.per_layer, echo=_echo, progress=_Bar())
+    m = bundle.manifest
+    print(f"\nqdeploy {__version__}: {m['model']['source']} -> {args.output} (target {m['profile']['name']})\n")
+    print(text_table(*summary_rows(m)))
+    if m["events"]:
+        print("\nevents:")
+        for line in events_text(m["events"]):
+            print(f"  {line}")
+    failing = [a["id"] for a in m["artifacts"] if not a["budget"]["passed"]]
+    if failing:
+        print(f"\nwarning: {', '.join(failing)} did not meet the budget; kept as the best found (policy "
+              f"{m['spec']['fallback']['policy']})")
+    print(f"\nbundle: {args.output}/manifest.json, report: {args.output}/report.md")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .pipeline import check
+
+    result = check(args.model, target=args.target, spec=args.spec, input_shape=args.input_shape,
+                   backends=args.backend, policy=args.policy)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"profile {result['profile']}: {result['model']} ({result['layers']} quantizable layers)")
+    for e in result["entries"]:
+        if e["runnable"]:
+            counts: dict[str, int] = {}
+            for p in e["layers"].values():
+                counts[p] = counts.get(p, 0) + 1
+            layers = ", ".join(f"{n} {p}" for p, n in counts.items())
+            print(f"  {e['target']:<22} runs {e['precision']} ({layers}); ladder {' -> '.join(e['ladder'])}; "
+                  f"verified {e['verified_on']}")
+        else:
+            print(f"  {e['target']:<22} cannot run")
+        for ev in e["events"]:
+            print(f"      [{ev['code']}] {ev['message']}")
+        for w in e["warnings"]:
+            print(f"      warning: {w}")
+    if not any(e["runnable"] for e in result["entries"]):
+        print("nothing in this profile can run the model here")
+        return 1
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .calibration import open_data
+    from .model import ModelHandle, TensorInfo
+    from .spec import QuantSpec
+    from .verify import check_budget, output_metrics, run_all
+
+    bundle = Bundle.load(args.bundle)
+    m = bundle.manifest
+    print(f"bundle {args.bundle}: integrity ok ({len(m['files'])} files, sha256 checked)")
+    if args.val:
+        inputs = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in m["model"]["inputs"]]
+        handle = ModelHandle(bundle.reference_path, inputs, [], {}, "", "onnx", "")
+        x, y = open_data(args.val, handle, "validation").arrays()
+    else:
+        s = bundle.samples()
+        x = {k.split(":", 1)[1]: v for k, v in s.items() if k.startswith("input:")}
+        y = None
+        print(f"no --val: re-checking on the {len(next(iter(x.values())))} stored samples")
+    ref = run_all(bundle.reference_runner(), x)
+    out_name = m["budget_output"]
+    ref_metrics = output_metrics(ref[out_name], ref[out_name], y)
+    budget = QuantSpec.from_dict(m["spec"]).budget
+    status = 0
+    for art in bundle.artifacts:
+        try:
+            runner = bundle.runner(art["id"])
+        except Exception as exc:  # a runtime missing here is reported, not fatal
+            print(f"  {art['id']:<28} not runnable here: {exc}")
+            continue
+        out = run_all(runner, x)
+        metrics = output_metrics(ref[out_name], out[out_name], y)
+        try:
+            res = check_budget(budget, metrics, ref_metrics, out_name)
+            verdict = "pass" if res.passed else "FAIL"
+            detail = res.describe()
+        except QDeployError:
+            verdict, detail = "n/a", f"{budget.metric} needs labels (pass --val with 'y')"
+        if verdict == "FAIL":
+            status = 1
+        print(f"  {art['id']:<28} {verdict}: {detail} (verified_on {art['verified_on']})")
+    return status
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    reg = _registry()
+    from .pipeline import resolve_profile
+
+    profile = resolve_profile(args.target, reg) if args.target else None
+    targets = profile.backends if profile else None
+    names = sorted(set(reg.backends) | ({t.backend for t in targets} if targets else set()))
+    print(f"{'backend':<14} {'target':<22} status")
+    from .profiles import BackendTarget
+    for name in names:
+        entries = [t for t in targets if t.backend == name] if targets else [BackendTarget(name, ("fp32",))]
+        for t in entries:
+            if name not in reg.backends:
+                print(f"{name:<14} {t.label:<22} not installed (plugins/{name})")
+                continue
+            caps = reg.backends[name].capabilities(t)
+            state = f"available: {', '.join(caps.precisions)}; verified on {caps.verified_on}" if caps.available \
+                else f"unavailable: {caps.reason}"
+            print(f"{name:<14} {t.label:<22} {state}")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    reg = _registry()
+    if args.action == "list":
+        for name, prof in sorted(reg.profiles.items()):
+            print(f"{name:<22} {prof.description}")
+        return 0
+    from .profiles import detect_profile_name
+    name = detect_profile_name() if args.action == "detect" else args.name
+    if args.action == "show" and not name:
+        raise QDeployError("profiles show needs a profile NAME (see `qdeploy profiles list`)")
+    prof = reg.profile(name)
+    if args.action == "detect":
+        print(f"detected: {name}")
+    print(json.dumps(prof.to_dict(), indent=2))
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from .spec import QuantSpec, dumps_spec, load_spec, save_spec
+
+    if args.file and Path(args.file).exists() and not args.output:
+        spec = load_spec(args.file)
+        print(f"{args.file}: valid (spec version {spec.version})")
+        return 0
+    if args.output:
+        save_spec(QuantSpec(), args.output)
+        print(f"wrote the default spec to {args.output}")
+        return 0
+    print(dumps_spec(QuantSpec()), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qdeploy", description="Verified, quantized deployments of one FP32 model "
+                                "for many target devices.")
+    p.add_argument("--version", action="version", version=f"qdeploy {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", help="model.onnx, model.pt2, file.py:factory or package.module:attr")
+        sp.add_argument("--target", "-t", default="detect", help="hardware profile name or .toml (default: detect)")
+        sp.add_argument("--spec", "-s", help="quantization spec (.toml/.yaml/.json); default: INT8 static")
+        sp.add_argument("--input-shape", help="input shape with batch, e.g. 1x3x32x32 (PyTorch models)")
+        sp.add_argument("--backend", "-b", action="append", help="only these backends of the profile (repeatable)")
+        sp.add_argument("--policy", choices=("strict", "warn", "auto"), help="override the spec's fallback policy")
+
+    d = sub.add_parser("deploy", help="build, verify and bundle artifacts for a target")
+    model_args(d)
+    d.add_argument("--calib", help="calibration data: folder of .npy/.npz, or one .npz")
+    d.add_argument("--val", help="validation data (labels under 'y' for top-1 accuracy)")
+    d.add_argument("--output", "-o", default="bundle", help="bundle folder (default: bundle)")
+    d.add_argument("--per-layer", action="store_true", help="add per-layer sensitivity to the report")
+    d.set_defaults(func=cmd_deploy)
+
+    c = sub.add_parser("check", help="what would run on a target, what falls back and why (no build)")
+    model_args(c)
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(func=cmd_check)
+
+    v = sub.add_parser("verify", help="integrity and accuracy re-check of a bundle")
+    v.add_argument("bundle")
+    v.add_argument("--val", help="validation data (default: the bundle's stored samples)")
+    v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("backends", help="every registered backend, available or not, and why")
+    b.add_argument("--target", "-t", help="show the entries of this profile")
+    b.set_defaults(func=cmd_backends)
+
+    pr = sub.add_parser("profiles", help="hardware profiles: list | show NAME | detect")
+    pr.add_argument("action", choices=("list", "show", "detect"))
+    pr.add_argument("name", nargs="?")
+    pr.set_defaults(func=cmd_profiles)
+
+    sp = sub.add_parser("spec", help="print the default spec, write it (-o), or validate a spec file")
+    sp.add_argument("file", nargs="?")
+    sp.add_argument("--output", "-o")
+    sp.set_defaults(func=cmd_spec)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        _registry().pm.hook.qdeploy_add_commands(subparsers=sub)
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except QDeployError as exc:
+        print(f"qdeploy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qdeploy: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("QDEPLOY_DEBUG"):
+            raise
+        print(f"qdeploy: internal error: {type(exc).__name__}: {exc} (set QDEPLOY_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

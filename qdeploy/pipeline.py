@@ -1,0 +1,275 @@
+"""``deploy()`` and ``check()``: the data flow of DESIGN.md, from a model to a verified bundle."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .backend import OrtRunner
+from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
+from .calibration import ActivationRanges, Dataset, collect_ranges, open_data
+from .errors import BackendError, BudgetNotMet, DataError, QDeployError
+from .fallback import (Events, Resolution, Trial, accuracy_loop, clean, failure_event, initial_layer_precisions,
+                       resolve, summarize_precision)
+from .model import ModelHandle, load_model, random_inputs
+from .plugins import Registry, get_registry
+from .profiles import Profile, detect_profile_name, load_profile_file
+from .report import markdown_report
+from .simulate import layer_sensitivity
+from .spec import POLICIES, QuantSpec, load_spec
+from .verify import budget_output, check_budget, latency_ms, output_metrics, run_all
+
+Echo = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
+SENSITIVITY_SAMPLES = 64
+WARMUP_SAMPLES = 8
+
+
+def resolve_profile(target: str | Profile | None, registry: Registry) -> Profile:
+    if isinstance(target, Profile):
+        return target
+    if target in (None, "", "detect", "host"):
+        return registry.profile(detect_profile_name())
+    if str(target).endswith(".toml"):
+        return load_profile_file(target)
+    return registry.profile(str(target))
+
+
+def _with_policy(spec: QuantSpec, policy: str | None) -> QuantSpec:
+    if policy is None:
+        return spec
+    if policy not in POLICIES:
+        raise DataError(f"--policy {policy!r} is not one of {', '.join(POLICIES)}")
+    import dataclasses
+    return spec.replace(fallback=dataclasses.replace(spec.fallback, policy=policy))
+
+
+def _needs_ranges(spec: QuantSpec) -> bool:
+    return spec.activations.mode == "static" and (spec.precision == "int8" or
+                                                   any(o.precision == "int8" for o in spec.overrides))
+
+
+def _resolutions(profile: Profile, registry: Registry, model: ModelHandle, spec: QuantSpec,
+                 only: list[str] | None) -> list[Resolution]:
+    entries = [t for t in profile.backends if not only or t.backend in only or t.label in only]
+    if not entries:
+        raise DataError(f"--backend {', '.join(only or [])} matches no entry of profile {profile.name}; it has "
+                        f"{', '.join(t.label for t in profile.backends)}")
+    out = []
+    for t in entries:
+        res = resolve(t, registry.backends, model.formats, spec)
+        if res.runnable:
+            res.warnings += res.backend.advise(model, res.spec, t)
+        out.append(res)
+    return out
+
+
+def check(model: Any, target: str | Profile | None = None, spec: Any = None, input_shape: Any = None,
+          backends: list[str] | None = None, policy: str | None = None) -> dict[str, Any]:
+    """What would run where, what falls back and why, without building anything."""
+    registry = get_registry()
+    spec = _with_policy(load_spec(spec), policy)
+    profile = resolve_profile(target, registry)
+    with tempfile.TemporaryDirectory(prefix="qdeploy-check-") as tmp:
+        handle = load_model(model, Path(tmp) / "reference.onnx", input_shape)
+        entries = []
+        for res in _resolutions(profile, registry, handle, spec, backends):
+            layers: dict[str, str] = {}
+            if res.runnable:
+                layers, _ = initial_layer_precisions(res, handle.layers)
+            entries.append({
+                "target": res.target.label, "runnable": res.runnable,
+                "precision": res.spec.precision if res.spec else None, "ladder": list(res.ladder),
+                "verified_on": res.caps.verified_on if res.caps else None,
+                "events": [{"code": c, "message": m, **d} for c, m, d in res.events],
+                "warnings": res.warnings, "layers": layers})
+    return {"profile": profile.name, "notes": list(profile.notes), "model": handle.source,
+            "layers": len(handle.layers), "entries": entries}
+
+
+def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, calib: Any = None, val: Any = None,
+           output: str | Path = "bundle", input_shape: Any = None, backends: list[str] | None = None,
+           policy: str | None = None, per_layer: bool = False, echo: Echo | None = None,
+           progress: Progress | None = None) -> Bundle:
+    """Deploy ``model`` to ``target``: build, verify and fall back per the spec; write the bundle to ``output``.
+
+    Raises :class:`~qdeploy.errors.BudgetNotMet` under the ``strict`` policy when the budget is not met, and
+    another :class:`~qdeploy.errors.QDeployError` for bad input; nothing is left at ``output`` then.
+    """
+    registry = get_registry()
+    spec = _with_policy(load_spec(spec), policy)
+    profile = resolve_profile(target, registry)
+    output = Path(output)
+    staging = prepare_output(output)
+    work = Path(tempfile.mkdtemp(prefix="qdeploy-work-"))
+    try:
+        manifest = _deploy(registry, model, profile, spec, calib, val, staging, work, input_shape, backends,
+                           per_layer, echo or (lambda s: None), progress)
+        commit(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    registry.pm.hook.qdeploy_on_report(manifest=manifest, bundle_dir=output)
+    return Bundle(output, manifest)
+
+
+def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpec, calib: Any, val: Any,
+            staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
+            progress: Progress | None) -> dict[str, Any]:
+    model = load_model(model_src, staging / "reference.onnx", input_shape)
+    calib_ds = open_data(calib, model, "calibration", spec.calibration)
+    val_ds = open_data(val, model, "validation")
+    resolutions = _resolutions(profile, registry, model, spec, only)
+    if calib_ds is None and any(r.runnable and _needs_ranges(r.spec) for r in resolutions):
+        raise DataError("static INT8 needs calibration data: pass --calib (a folder of .npy files or an .npz)")
+    val_source = str(val) if val_ds else "calibration data" if calib_ds else "random inputs"
+    if val_ds is None:
+        echo("warning: no --val data; verifying on the calibration data" if calib_ds else
+             "warning: no --val or --calib data; verifying on random inputs")
+    val_x, val_y = val_ds.arrays() if val_ds else calib_ds.arrays() if calib_ds else (random_inputs(model, 32), None)
+    out_names = [o.name for o in model.outputs]
+    out_name = budget_output(spec.budget, out_names)
+    ref_runner = OrtRunner(model.onnx_path)
+    ref_out = run_all(ref_runner, val_x)
+    ref_lat = latency_ms(ref_runner, val_x)
+    ref_runner.close()
+    extra = registry.metrics
+    if spec.budget.metric not in ("cosine", "sqnr_db", "max_abs", "mean_abs", "top1_agreement", "top1_accuracy") \
+            and spec.budget.metric not in extra:
+        raise DataError(f"budget.metric {spec.budget.metric!r} is neither built in nor registered by a plugin; "
+                        f"registered: {', '.join(sorted(extra)) or 'none'}")
+    ref_metrics = {o: output_metrics(ref_out[o], ref_out[o], val_y, extra) for o in out_names}
+    check_budget(spec.budget, ref_metrics[out_name], ref_metrics[out_name], out_name)  # computable at all?
+
+    events = Events(echo, registry.emit)
+    range_cache: dict[tuple, ActivationRanges] = {}
+
+    def ranges_for(s: QuantSpec) -> ActivationRanges | None:
+        if not _needs_ranges(s):
+            return None
+        key = (s.activations.method, s.activations.momentum, s.activations.percentile, s.activations.symmetric)
+        if key not in range_cache:
+            echo(f"calibrating: {calib_ds.count} samples, {s.activations.method} observers")
+            cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
+            range_cache[key] = collect_ranges(model, calib_ds, s.activations, cb)
+        return range_cache[key]
+
+    sens_x = {k: v[:SENSITIVITY_SAMPLES] for k, v in val_x.items()}
+    built: list[dict[str, Any]] = []
+    strict_failure: str | None = None
+    for res in resolutions:
+        if res.runnable:
+            layer_prec, pinned = initial_layer_precisions(res, model.layers)
+        res.emit_all(events)
+        for w in res.warnings:
+            echo(f"warning: {res.target.label}: {w}")
+        if not res.runnable:
+            continue
+        label, rspec, backend = res.target.label, res.spec, res.backend
+        ranges = ranges_for(rspec)
+        sensitivity: dict[str, float] = {}
+
+        def build_and_verify(lp: dict[str, str], i: int) -> Trial:
+            stage = "build"
+            try:
+                plan = backend.translate(model, rspec, res.target, lp)
+                plan = backend.calibrate(plan, ranges, calib_ds)
+                art = backend.build(plan, work / f"{label.replace(':', '-')}-{i}")
+                stage = "load"
+                runner = backend.runner(art.path, art.meta)
+                stage = "run"
+                outs = run_all(runner, val_x)
+                runner.close()
+            except QDeployError:
+                raise
+            except Exception as exc:
+                code, msg = failure_event(exc, stage)
+                raise BackendError(msg, code) from exc
+            metrics = {o: output_metrics(ref_out[o], outs[o], val_y, extra) for o in out_names}
+            budget = check_budget(rspec.budget, metrics[out_name], ref_metrics[out_name], out_name)
+            if progress:
+                progress(f"verify {label}", i + 1, i + 1)
+            echo(f"{label}: trial {i}: {summarize_precision(art.layer_precisions)}: {budget.describe()} -> "
+                 f"{'pass' if budget.passed else 'below budget'}")
+            return Trial(art, metrics, budget, outs)
+
+        def rank(names: list[str]) -> list[str]:
+            if res.ladder[0] != "int8":
+                return names
+            if not sensitivity:
+                echo(f"{label}: ranking {len(names)} layers by sensitivity")
+                sensitivity.update(layer_sensitivity(model, rspec, ranges, names, sens_x,
+                                                     ref_out[out_name][:SENSITIVITY_SAMPLES], out_name))
+            return sorted(names, key=lambda n: sensitivity.get(n, float("inf")))
+
+        try:
+            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, rank, events)
+        except BackendError as exc:
+            events.emit(exc.code, label, str(exc))
+            continue
+        if not best.budget.passed and rspec.fallback.policy == "strict":
+            strict_failure = f"{label}: {best.budget.describe()}"
+            break
+        if per_layer and not sensitivity and res.ladder[0] == "int8":
+            rank([n for n, p in best.artifact.layer_precisions.items() if p == "int8"])
+        if not best.budget.passed:
+            echo(f"warning: {label}: best artifact still misses the budget ({best.budget.describe()})")
+        built.append(_record(res, best, len(trials), sensitivity, staging, backend, val_x, ref_lat))
+    if strict_failure:
+        raise BudgetNotMet(f"accuracy budget not met and policy is strict: {strict_failure}")
+    if not built:
+        raise QDeployError(f"no backend of profile {profile.name} could build this model here; events:\n  "
+                           + "\n  ".join(f"[{e['code']}] {e['target']}: {e['message']}" for e in events.items))
+    built.sort(key=lambda a: not a["budget"]["passed"])  # verified artifacts first, in chain order
+
+    ref_path = staging / "reference.onnx"
+    ref_size = path_size(ref_path)
+    for a in built:
+        a["size_vs_fp32"] = a["size_bytes"] / ref_size
+    samples = {f"input:{k}": v[:WARMUP_SAMPLES] for k, v in val_x.items()}
+    samples.update({f"reference:{k}": v[:WARMUP_SAMPLES] for k, v in ref_out.items()})
+    for a in built:
+        samples.update({f"{a['id']}:{k}": v[:WARMUP_SAMPLES] for k, v in a.pop("_outputs").items()})
+    np.savez(staging / SAMPLES, **samples)
+    manifest = {
+        "qdeploy_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": model.describe(), "spec": spec.to_dict(),
+        "profile": {"name": profile.name, "sha256": profile.sha256, "data": profile.to_dict()},
+        "calibration": {"samples": calib_ds.count if calib_ds else 0, "method": spec.activations.method,
+                        "source": str(calib) if isinstance(calib, (str, Path)) else "python"},
+        "validation": {"samples": len(next(iter(val_x.values()))), "source": val_source},
+        "reference": {"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": ref_size,
+                      "latency_ms": ref_lat, "metrics": ref_metrics[out_name]},
+        "budget_output": out_name, "artifacts": built, "events": events.items, "samples": SAMPLES,
+    }
+    (staging / "report.md").write_text(markdown_report(manifest))
+    return write_manifest(staging, manifest)
+
+
+def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str, float], staging: Path,
+            backend: Any, val_x: dict[str, np.ndarray], ref_lat: float) -> dict[str, Any]:
+    art = trial.artifact
+    precision = summarize_precision(art.layer_precisions) if art.layer_precisions else art.precision
+    ident = f"{res.target.label.replace(':', '-')}-{precision.replace('mixed ', 'mixed-').replace('/', '-')}"
+    dest = staging / "artifacts" / (ident + (art.path.suffix if art.path.is_file() else ""))
+    dest.parent.mkdir(exist_ok=True)
+    shutil.move(str(art.path), dest)
+    clean(art.path)
+    runner = backend.runner(dest, art.meta)
+    lat = latency_ms(runner, val_x)
+    runner.close()
+    return {"id": ident, "backend": res.target.backend, "target": res.target.label, "precision": precision,
+            "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest), "size_bytes": path_size(dest),
+            "latency_ms": lat, "latency_vs_fp32": ref_lat / lat if lat else None,
+            "verified_on": res.caps.verified_on, "metrics": trial.metrics[trial.budget.output],
+            "metrics_per_output": trial.metrics, "budget": trial.budget.as_dict(),
+            "layer_precisions": art.layer_precisions, "spec": res.spec.to_dict(), "meta": art.meta,
+            "trials": n_trials, "sensitivity": sensitivity, "_outputs": trial.outputs}

@@ -1,0 +1,145 @@
+"""The spec's numerics, executable: fake quantization of an ONNX graph, and per-layer sensitivity.
+
+:func:`qparams` maps a range to scale and zero point (symmetric or asymmetric, any bit width);
+:func:`fake_quant_weight` quantizes and dequantizes a weight per tensor / channel / group;
+:func:`simulated_model` writes an FP32 ONNX where chosen layers see fake-quantized weights and Q/DQ on their
+activation input. The fallback loop ranks layers with it (:func:`layer_sensitivity`): one layer quantized
+at a time, the damage measured on the budget output. It runs on onnxruntime, which the core already needs.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration import ActivationRanges
+from .model import LayerInfo, ModelHandle
+from .spec import PerChannel, PerGroup, QuantSpec, WeightSpec
+
+
+def qparams(lo: float | np.ndarray, hi: float | np.ndarray, bits: int = 8, symmetric: bool = False,
+            signed: bool = True) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``(scale, zero_point, qmin, qmax)`` for the range [lo, hi] (widened to include 0).
+
+    Symmetric: zero point 0 (or the unsigned midpoint) and a range of ±max(|lo|, |hi|) mapped onto
+    ``[-(2^(b-1)-1), 2^(b-1)-1]`` (the restricted range TensorRT and NNAPI use). Asymmetric: the full range.
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if signed:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2 ** bits - 1
+    if symmetric:
+        if signed:
+            qmin = -qmax
+        amax = np.maximum(-lo, hi)
+        scale = np.maximum(amax / ((qmax - qmin) / 2), 1e-12)
+        zp = np.full_like(scale, 0 if signed else (qmax + 1) // 2)
+    else:
+        scale = np.maximum((hi - lo) / (qmax - qmin), 1e-12)
+        zp = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    return scale, zp, qmin, qmax
+
+
+def fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    return ((np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale).astype(x.dtype)
+
+
+def weight_axis(layer: LayerInfo, node: Any, spec_axis: int) -> int:
+    """The output-channel axis of a layer's weight: 0 for Conv and Gemm(transB=1), 1 for MatMul/Gemm(transB=0)
+    and ConvTranspose. ``spec_axis`` (the spec's per-channel axis) is honoured for Conv."""
+    if layer.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if layer.op_type == "MatMul":
+        return -1
+    if layer.op_type == "ConvTranspose":
+        return 1
+    return spec_axis
+
+
+def fake_quant_weight(w: np.ndarray, ws: WeightSpec, axis: int) -> np.ndarray:
+    """Quantize-dequantize ``w`` as the spec says (bits, symmetric, per tensor/channel/group)."""
+    g = ws.granularity
+    if isinstance(g, PerGroup):
+        axis = axis % w.ndim
+        moved = np.moveaxis(w, axis, 0)
+        flat = moved.reshape(moved.shape[0], -1)
+        size = g.group_size
+        pad = (-flat.shape[1]) % size
+        padded = np.pad(flat, ((0, 0), (0, pad)))
+        groups = padded.reshape(flat.shape[0], -1, size)
+        s, z, lo_q, hi_q = qparams(groups.min(2, keepdims=True), groups.max(2, keepdims=True), ws.bits, ws.symmetric)
+        out = fake_quant(groups, s, z, lo_q, hi_q).reshape(flat.shape[0], -1)[:, :flat.shape[1]]
+        return np.moveaxis(out.reshape(moved.shape), 0, axis)
+    if isinstance(g, PerChannel) and w.ndim > 1:
+        axis = axis % w.ndim
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        s, z, lo_q, hi_q = qparams(w.min(red, keepdims=True), w.max(red, keepdims=True), ws.bits, ws.symmetric)
+        return fake_quant(w, s, z, lo_q, hi_q)
+    s, z, lo_q, hi_q = qparams(w.min(), w.max(), ws.bits, ws.symmetric)
+    return fake_quant(w, s, z, lo_q, hi_q)
+
+
+def simulated_model(model: ModelHandle, spec: QuantSpec, ranges: ActivationRanges | None,
+                    layers: Iterable[str]) -> Any:
+    """An ONNX ModelProto of the reference in which ``layers`` are fake-quantized as ``spec`` says."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(model.onnx_path))
+    nodes = {n.name: n for n in proto.graph.node}
+    inits = {t.name: t for t in proto.graph.initializer}
+    static = spec.activations.mode == "static" and ranges is not None
+    for name in layers:
+        layer = model.layers[name]
+        node = nodes[layer.node]
+        if layer.weight and layer.weight in inits:
+            w = numpy_helper.to_array(inits[layer.weight])
+            axis = weight_axis(layer, node, spec.weights.granularity.axis
+                               if isinstance(spec.weights.granularity, PerChannel) else 0)
+            new = numpy_helper.from_array(fake_quant_weight(w, spec.weights, axis), name=f"{layer.weight}__fq_{name}")
+            proto.graph.initializer.append(new)
+            node.input[1] = new.name
+        if static and layer.input in ranges.ranges:
+            lo, hi = ranges.get(layer.input)
+            sym = spec.activations.symmetric
+            s, z, _, _ = qparams(lo, hi, 8, sym, signed=sym)
+            zdtype = np.int8 if sym else np.uint8
+            tag = f"{layer.input}__fq_{name}"
+            proto.graph.initializer.extend([numpy_helper.from_array(np.array(s, np.float32), f"{tag}_scale"),
+                                            numpy_helper.from_array(np.array(z, zdtype), f"{tag}_zp")])
+            q = helper.make_node("QuantizeLinear", [layer.input, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"],
+                                 name=f"{tag}_Q")
+            dq = helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [f"{tag}_dq"],
+                                  name=f"{tag}_DQ")
+            idx = list(proto.graph.node).index(node)
+            proto.graph.node.insert(idx, dq)
+            proto.graph.node.insert(idx, q)
+            node.input[0] = f"{tag}_dq"
+    return proto
+
+
+def layer_sensitivity(model: ModelHandle, spec: QuantSpec, ranges: ActivationRanges | None,
+                      layers: Iterable[str], inputs: Mapping[str, np.ndarray], ref: np.ndarray,
+                      output: str) -> dict[str, float]:
+    """SQNR (dB) of ``output`` when only that layer is quantized: lower means more sensitive."""
+    import onnx
+
+    from .backend import OrtRunner
+    from .verify import output_metrics, run_all
+
+    scores: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="qdeploy-sens-") as tmp:
+        for name in layers:
+            path = Path(tmp) / "sim.onnx"
+            onnx.save(simulated_model(model, spec, ranges, [name]), str(path))
+            runner = OrtRunner(path)
+            out = run_all(runner, inputs)[output]
+            scores[name] = output_metrics(ref, out)["sqnr_db"]
+            runner.close()
+    return scores

@@ -1,0 +1,124 @@
+"""Verification: compare an artifact's outputs with the FP32 reference, per output, and check the budget.
+
+Backends run models; this module compares (Polygraphy's split). Metrics per output: ``max_abs``,
+``mean_abs``, ``cosine`` (mean per-sample cosine similarity), ``sqnr_db``, and for classifier outputs
+(``[N, C]`` with C > 1) ``top1_agreement``, plus ``top1_accuracy`` when labels are given, plus any metric a
+plugin registered.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import Runner
+from .errors import DataError
+from .spec import HIGHER_IS_BETTER, Budget
+
+SQNR_CAP_DB = 300.0
+"""SQNR of identical outputs is infinite; it is reported as this cap so manifests stay valid JSON."""
+
+
+def is_classifier(arr: np.ndarray) -> bool:
+    return arr.ndim == 2 and arr.shape[1] > 1
+
+
+def output_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None,
+                   extra: Mapping[str, Callable[..., float]] | None = None) -> dict[str, float]:
+    """All metrics for one output: the reference and the candidate arrays of the same samples."""
+    ref = np.asarray(ref, dtype=np.float64)
+    out = np.asarray(out, dtype=np.float64)
+    if ref.shape != out.shape:
+        raise DataError(f"output shape {out.shape} differs from the reference's {ref.shape}")
+    diff = np.abs(ref - out)
+    r2 = ref.reshape(len(ref), -1) if ref.ndim else ref.reshape(1, -1)
+    o2 = out.reshape(len(out), -1) if out.ndim else out.reshape(1, -1)
+    denom = np.linalg.norm(r2, axis=1) * np.linalg.norm(o2, axis=1)
+    cos = np.where(denom > 0, np.sum(r2 * o2, axis=1) / np.maximum(denom, 1e-300), 1.0)
+    noise = float(np.sum((ref - out) ** 2))
+    sqnr = SQNR_CAP_DB if noise == 0 else min(SQNR_CAP_DB, 10 * math.log10(max(float(np.sum(ref ** 2)), 1e-300) / noise))
+    m = {"max_abs": float(diff.max()) if diff.size else 0.0, "mean_abs": float(diff.mean()) if diff.size else 0.0,
+         "cosine": float(np.mean(cos)), "sqnr_db": float(sqnr)}
+    if is_classifier(ref):
+        m["top1_agreement"] = float(np.mean(ref.argmax(1) == out.argmax(1)))
+        if labels is not None:
+            m["top1_accuracy"] = float(np.mean(out.argmax(1) == labels))
+    for name, fn in (extra or {}).items():
+        m[name] = float(fn(ref, out, labels))
+    return m
+
+
+def reference_metrics(ref: np.ndarray, labels: np.ndarray | None,
+                      extra: Mapping[str, Callable[..., float]] | None = None) -> dict[str, float]:
+    """The reference's own values of each metric (its accuracy, and the identity value of comparisons)."""
+    return output_metrics(ref, ref, labels, extra)
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    passed: bool
+    metric: str
+    value: float
+    budget: float  # the effective bound the value was compared with
+    mode: str
+    threshold: float
+    output: str
+
+    def describe(self) -> str:
+        op = ">=" if HIGHER_IS_BETTER.get(self.metric, True) else "<="
+        rel = f" (reference - {self.threshold:g})" if self.mode == "relative" else ""
+        return f"{self.metric} on {self.output!r} = {self.value:.4f}, budget {op} {self.budget:.4f}{rel}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "metric": self.metric, "value": self.value, "budget": self.budget,
+                "mode": self.mode, "threshold": self.threshold, "output": self.output}
+
+
+def budget_output(budget: Budget, output_names: list[str]) -> str:
+    if budget.output and budget.output not in output_names:
+        raise DataError(f"budget.output {budget.output!r} is not a model output; outputs: {output_names}")
+    return budget.output or output_names[0]
+
+
+def check_budget(budget: Budget, metrics: Mapping[str, float], ref_metrics: Mapping[str, float],
+                 output: str) -> BudgetResult:
+    if budget.metric not in metrics:
+        hint = " (top1_accuracy needs labels: add 'y' to the validation data)" if budget.metric == "top1_accuracy" \
+            else ""
+        raise DataError(f"budget metric {budget.metric!r} cannot be computed for output {output!r}{hint}; "
+                        f"available: {', '.join(sorted(metrics))}")
+    value = metrics[budget.metric]
+    higher = HIGHER_IS_BETTER.get(budget.metric, True)
+    if budget.mode == "absolute":
+        bound = budget.threshold
+    else:
+        ref = ref_metrics[budget.metric]
+        bound = ref - budget.threshold if higher else ref + budget.threshold
+    passed = value >= bound - 1e-12 if higher else value <= bound + 1e-12
+    return BudgetResult(passed, budget.metric, float(value), float(bound), budget.mode, budget.threshold, output)
+
+
+def run_all(runner: Runner, inputs: Mapping[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
+    n = len(next(iter(inputs.values())))
+    parts = [runner.infer({k: v[i:i + batch] for k, v in inputs.items()}) for i in range(0, n, batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def latency_ms(runner: Runner, inputs: Mapping[str, np.ndarray], batch: int = 32, repeats: int = 15,
+               budget_s: float = 3.0) -> float:
+    """Median wall time of one batch of ``batch`` samples, in milliseconds (bounded by ``budget_s``)."""
+    feed = {k: v[:batch] for k, v in inputs.items()}
+    runner.infer(feed)  # warm-up
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        runner.infer(feed)
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return float(np.median(times) * 1000)
