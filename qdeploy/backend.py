@@ -72,12 +72,15 @@ class Plan:
 @dataclass
 class Artifact:
     """A built artifact: ``path`` (a file or folder), the precision summary, and the metadata its runner
-    needs (``meta`` must be JSON-serialisable; it is stored in the manifest)."""
+    needs (``meta`` must be JSON-serialisable; it is stored in the manifest). ``events`` are
+    ``(reason code, message)`` pairs the core records for this build (e.g. ``BACKEND_UNAVAILABLE`` for an
+    engine build that must happen on the target)."""
 
     path: Path
     precision: str
     layer_precisions: dict[str, str]
     meta: dict[str, Any] = field(default_factory=dict)
+    events: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Runner(ABC):
@@ -85,11 +88,14 @@ class Runner(ABC):
 
     Subclasses set ``input_names``/``output_names`` (and ``max_batch`` when the artifact has a fixed batch
     size) and implement :meth:`infer_impl`; :meth:`infer` checks the feed, splits batches and times the call.
+    ``simulated`` is True when the runner stands in for a runtime that is not here (an equivalent graph run in
+    onnxruntime): good for verification, never for serving.
     """
 
     input_names: list[str]
     output_names: list[str]
     max_batch: int | None = None
+    simulated: bool = False
     last_latency_s: float = 0.0
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -215,6 +215,8 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         except BackendError as exc:
             events.emit(exc.code, label, str(exc))
             continue
+        for code, message in best.artifact.events:
+            events.emit(code, label, message)
         if not best.budget.passed and rspec.fallback.policy == "strict":
             strict_failure = f"{label}: {best.budget.describe()}"
             break
