@@ -37,6 +37,7 @@ class BackendTarget:
     activation_dtype: str = "uint8"
     host_fallback: bool = False
     options: tuple[tuple[str, Any], ...] = ()
+    compute_capability: str = ""  # the profile's (e.g. "7.5"), copied into each entry for GPU backends
 
     @property
     def label(self) -> str:
@@ -113,7 +114,8 @@ def profile_from_dict(data: dict[str, Any], source: str = "") -> Profile:
         if "backend" not in b or not b.get("fast"):
             raise ProfileError(f"{where}: backends[{i}] needs 'backend' and a non-empty 'fast' list")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in b.items() if k != "options"}
-        targets.append(BackendTarget(**kw, options=tuple(sorted(b.get("options", {}).items()))))
+        targets.append(BackendTarget(**kw, options=tuple(sorted(b.get("options", {}).items())),
+                                     compute_capability=str(data.get("compute_capability", ""))))
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise ProfileError(f"{where}: backend entries must be unique, got {labels}")
