@@ -1,0 +1,164 @@
+"""The CLI end to end, and every bad input: one clear line, exit code 2, nothing left behind."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qdeploy import cli
+
+from conftest import DIGITS_FACTORY, DIGITS_SPEC
+
+BIN = Path(sys.executable).parent / "qdeploy"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_deploy_check_verify_end_to_end(capsys, tmp_path, digits_data):
+    out_dir = tmp_path / "demo"
+    code, out, err = run(capsys, "deploy", DIGITS_FACTORY, "--input-shape", "1x1x8x8", "--target", "x86-avx512-vnni",
+                         "--spec", DIGITS_SPEC, "--calib", digits_data / "calib.npz", "--val",
+                         digits_data / "val.npz", "-o", out_dir)
+    assert code == 0, err
+    assert "onnxruntime-cpu-int8" in out and "pass (top1_accuracy" in out
+    assert (out_dir / "manifest.json").is_file() and (out_dir / "report.md").is_file()
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    art = manifest["artifacts"][0]
+    assert art["precision"] == "int8" and art["size_vs_fp32"] <= 0.30
+    assert art["metrics"]["top1_accuracy"] >= manifest["reference"]["metrics"]["top1_accuracy"] - 0.01
+    assert "[BACKEND_UNAVAILABLE]" in err or all(e["code"] != "BACKEND_UNAVAILABLE" for e in manifest["events"])
+
+    code, out, _ = run(capsys, "verify", out_dir, "--val", digits_data / "val.npz")
+    assert code == 0 and "integrity ok" in out and "pass" in out
+
+    # deploying again over an existing bundle replaces it atomically
+    code, _, _ = run(capsys, "deploy", DIGITS_FACTORY, "--input-shape", "1x1x8x8", "--target", "x86-avx512-vnni",
+                     "--spec", DIGITS_SPEC, "--calib", digits_data / "calib.npz", "-o", out_dir, "-b", "onnxruntime")
+    assert code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_check_nvidia_t4_on_a_cpu_host_says_what_falls_back(capsys, digits_onnx):
+    code, out, _ = run(capsys, "check", digits_onnx, "--target", "nvidia-t4")
+    assert code == 0
+    assert "onnxruntime:cuda" in out and "BACKEND_UNAVAILABLE" in out
+    assert "onnxruntime:cpu" in out and "runs int8" in out
+    code, out, _ = run(capsys, "check", digits_onnx, "--target", "nvidia-t4", "--json")
+    entries = {e["target"]: e for e in json.loads(out)["entries"]}
+    assert not entries["onnxruntime:cuda"]["runnable"]
+    assert entries["onnxruntime:cuda"]["events"][0]["code"] == "BACKEND_UNAVAILABLE"
+    assert entries["onnxruntime:cpu"]["runnable"]
+
+
+def test_deploy_nvidia_t4_falls_back_to_what_runs_here(capsys, tmp_path, digits_onnx, digits_data):
+    code, out, err = run(capsys, "deploy", digits_onnx, "--target", "nvidia-t4", "--calib", digits_data / "calib.npz",
+                         "--val", digits_data / "val.npz", "-o", tmp_path / "t4")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "t4" / "manifest.json").read_text())
+    unavailable = {e["target"] for e in manifest["events"] if e["code"] == "BACKEND_UNAVAILABLE"}
+    assert "onnxruntime:cuda" in unavailable and "torch:cuda" in unavailable
+    assert "onnxruntime:cpu" in [a["target"] for a in manifest["artifacts"]]
+    for target in unavailable:
+        assert f"[BACKEND_UNAVAILABLE] {target}" in err  # said on the console too, never silent
+
+
+def test_backends_and_profiles_commands(capsys):
+    code, out, _ = run(capsys, "backends")
+    assert code == 0 and "onnxruntime" in out and "available" in out
+    code, out, _ = run(capsys, "backends", "--target", "nvidia-t4")
+    assert "onnxruntime:cuda" in out and "unavailable" in out
+    code, out, _ = run(capsys, "profiles", "list")
+    assert code == 0 and "edge-tpu" in out and "nvidia-jetson-orin" in out
+    code, out, _ = run(capsys, "profiles", "show", "android-nnapi")
+    assert json.loads(out)["backends"][0]["activation_symmetric_only"] is True
+    code, out, _ = run(capsys, "profiles", "detect")
+    assert code == 0 and out.startswith("detected: ")
+
+
+def test_spec_command_writes_and_validates(capsys, tmp_path):
+    code, _, _ = run(capsys, "spec", "-o", tmp_path / "s.toml")
+    assert code == 0
+    code, out, _ = run(capsys, "spec", tmp_path / "s.toml")
+    assert code == 0 and "valid" in out
+
+
+def test_strict_policy_exits_1_when_the_budget_is_not_met(capsys, tmp_path, mlp_onnx, mlp_data):
+    spec = tmp_path / "tight.toml"
+    spec.write_text('[budget]\nmetric = "sqnr_db"\nthreshold = 200.0\n')
+    code, _, err = run(capsys, "deploy", mlp_onnx, "--target", "x86-avx512-vnni", "--spec", spec, "--calib",
+                       mlp_data, "-o", tmp_path / "out", "--policy", "strict", "-b", "onnxruntime")
+    assert code == 1
+    assert "policy is strict" in err and err.strip().splitlines()[-1].startswith("qdeploy: error:")
+    assert not (tmp_path / "out").exists()
+
+
+# --- bad inputs ----------------------------------------------------------------------------------------------
+def _bad_inputs(tmp: Path, digits_onnx: Path, digits_data: Path, bundle: Path) -> dict[str, tuple[list, str]]:
+    corrupt = tmp / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not a protobuf" * 10)
+    typo = tmp / "typo.toml"
+    typo.write_text('[activations]\nmethod = "entropi"\n')
+    wrong = tmp / "wrong.npz"
+    np.savez(wrong, x=np.zeros((10, 1, 8, 9), np.float32))
+    nan = tmp / "nan.npz"
+    arr = np.zeros((10, 1, 8, 8), np.float32)
+    arr[3, 0, 2, 2] = np.nan
+    np.savez(nan, x=arr)
+    empty = tmp / "empty"
+    empty.mkdir()
+    tampered = tmp / "tampered"
+    shutil.copytree(bundle, tampered)
+    art = next((tampered / "artifacts").iterdir())
+    art.write_bytes(art.read_bytes()[:-1] + b"\x00")
+    calib = ["--calib", digits_data / "calib.npz"]
+    deploy = ["deploy", digits_onnx, "--target", "x86-avx512-vnni"]
+    return {
+        "missing model": (["deploy", tmp / "nope.onnx", *calib], "does not exist"),
+        "corrupt onnx": (["deploy", corrupt, *calib], "not a valid ONNX model"),
+        "spec typo": ([*deploy, "--spec", typo, *calib], "did you mean 'entropy'"),
+        "unknown profile": (["deploy", digits_onnx, "--target", "jetson-nano", *calib], "unknown hardware profile"),
+        "wrong shape": ([*deploy, "--calib", wrong], "has samples of shape 1x8x9"),
+        "nan": ([*deploy, "--calib", nan], "NaN or Inf (first in sample 3)"),
+        "empty folder": ([*deploy, "--calib", empty], "holds no .npy or .npz files"),
+        "no calibration": ([*deploy], "needs calibration data"),
+        "missing input shape": (["deploy", DIGITS_FACTORY, *calib], "needs --input-shape"),
+        "bad input shape": (["deploy", DIGITS_FACTORY, "--input-shape", "1x1x9", *calib], "check --input-shape"),
+        "tampered bundle": (["verify", tampered], "was modified after the bundle was written"),
+        "not a bundle": (["verify", empty], "is not a qdeploy bundle"),
+    }
+
+
+CASES = ["missing model", "corrupt onnx", "spec typo", "unknown profile", "wrong shape", "nan", "empty folder",
+         "no calibration", "missing input shape", "bad input shape", "tampered bundle", "not a bundle"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, digits_onnx, digits_data, digits_bundle, case):
+    argv, message = _bad_inputs(tmp_path, digits_onnx, digits_data, digits_bundle)[case]
+    out_dir = tmp_path / "out"
+    if argv[0] == "deploy":
+        argv = [*argv, "-o", out_dir]
+    before = set(tmp_path.iterdir())
+    code, out, err = run(capsys, *argv)
+    lines = [l for l in err.strip().splitlines() if l]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("qdeploy: error:"), err
+    assert message in lines[0]
+    assert "Traceback" not in err + out
+    assert not out_dir.exists()
+    assert set(tmp_path.iterdir()) == before  # no staging folder left behind
+
+
+def test_the_installed_command_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([str(BIN), "deploy", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"qdeploy: error: model file {tmp_path / 'missing.onnx'} does not exist"

@@ -1,0 +1,121 @@
+"""Accuracy fallback (promote the most sensitive layers), backend resolution and reason codes."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import qdeploy
+from qdeploy.errors import BudgetNotMet
+from qdeploy.fallback import REASON_CODES, climb, resolve
+from qdeploy.plugins import get_registry
+from qdeploy.profiles import BackendTarget
+from qdeploy.spec import ActivationSpec, FallbackSpec, PerGroup, QuantSpec, WeightSpec
+
+from conftest import ROOT
+
+SENSITIVE = f"{ROOT / 'examples' / 'digits.py'}:build_sensitive_model"
+TIGHT = {"weights": {"granularity": "per_tensor"}, "budget": {"metric": "top1_agreement", "threshold": 0.999}}
+
+
+@pytest.fixture(scope="module")
+def sensitive_bundle(tmp_path_factory, digits_data):
+    out = tmp_path_factory.mktemp("sens") / "bundle"
+    return qdeploy.deploy(SENSITIVE, target="x86-avx512-vnni", spec=TIGHT, calib=digits_data / "calib.npz",
+                          val=digits_data / "val.npz", output=out, input_shape="1x1x8x8", backends=["onnxruntime"],
+                          per_layer=True)
+
+
+def test_fallback_promotes_named_layers_until_the_budget_holds(sensitive_bundle):
+    m = sensitive_bundle.manifest
+    promotions = [e for e in m["events"] if e["code"] == "ACCURACY_BELOW_BUDGET" and e["action"] == "promote"]
+    assert promotions, m["events"]
+    for e in promotions:
+        assert e["metric"] == "top1_agreement" and e["budget"] == pytest.approx(0.999)
+        assert e["value"] < 0.999 and e["layer"] in m["model"]["layers"]
+        assert (e["from"], e["to"]) == ("int8", "fp32")  # x86 onnxruntime: the ladder skips slow fp16
+    art = m["artifacts"][0]
+    assert art["budget"]["passed"] and art["metrics"]["top1_agreement"] >= 0.999
+    for e in promotions:
+        assert art["layer_precisions"][e["layer"]] == "fp32"
+    assert "int8" in art["layer_precisions"].values()  # only what had to be promoted was
+    assert art["trials"] == len(promotions) + 1
+    # the sensitivity ranking is in the manifest and the report; the outlier-scaled layers rank first
+    sens = art["sensitivity"]
+    worst = sorted(sens, key=sens.get)[:2]
+    assert set(worst) == {"conv1", "conv2"}
+    assert "Per-layer sensitivity" in (sensitive_bundle.path / "report.md").read_text()
+
+
+def test_strict_policy_fails_instead_of_falling_back(tmp_path, digits_data):
+    with pytest.raises(BudgetNotMet, match="policy is strict") as err:
+        qdeploy.deploy(SENSITIVE, target="x86-avx512-vnni", spec=TIGHT, calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8",
+                       backends=["onnxruntime"], policy="strict")
+    assert err.value.exit_code == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_trial_budget_bounds_the_loop_and_keeps_the_best(tmp_path, digits_data):
+    spec = dict(TIGHT, fallback={"max_trials": 1})
+    b = qdeploy.deploy(SENSITIVE, target="x86-avx512-vnni", spec=spec, calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8",
+                       backends=["onnxruntime"])
+    art = b.artifacts[0]
+    assert art["trials"] == 2
+    stop = [e for e in b.manifest["events"] if e.get("action") == "stop"]
+    assert stop and "trial/time budget spent" in stop[0]["message"]
+    assert not art["budget"]["passed"]  # kept, and marked as failing: never silently passed
+
+
+def test_climb_order():
+    ladder = ("int8", "fp16", "fp32")
+    lp = {"a": "int8", "b": "int8", "c": "fp16"}
+    assert climb(lp, ladder, ["b", "a", "c"], set()) == ("b", "int8", "fp16")
+    assert climb(lp, ladder, ["b", "a", "c"], {"b"}) == ("a", "int8", "fp16")
+    assert climb({"a": "fp32"}, ladder, ["a"], set()) is None
+
+
+# --- resolution: spec x profile entry x capabilities -----------------------------------------------------------
+def _ort_target(**kw):
+    base = BackendTarget("onnxruntime", ("int8", "fp32"), ("fp16",), options=(("provider", "cpu"),))
+    return dataclasses.replace(base, **kw)
+
+
+def test_resolution_of_a_plain_spec_is_silent():
+    res = resolve(_ort_target(), get_registry().backends, ("onnx",), QuantSpec())
+    assert res.runnable and not res.events and res.ladder == ("int8", "fp32")
+
+
+def test_symmetric_only_devices_translate_with_an_event_or_refuse_under_strict():
+    spec = QuantSpec(weights=WeightSpec(symmetric=False), activations=ActivationSpec(symmetric=False))
+    t = _ort_target(weight_symmetric_only=True, activation_symmetric_only=True)
+    res = resolve(t, get_registry().backends, ("onnx",), spec)
+    assert res.runnable and res.spec.weights.symmetric and res.spec.activations.symmetric
+    assert [c for c, _, _ in res.events] == ["GRANULARITY_UNSUPPORTED", "GRANULARITY_UNSUPPORTED"]
+    strict = spec.replace(fallback=FallbackSpec(policy="strict"))
+    res = resolve(t, get_registry().backends, ("onnx",), strict)
+    assert not res.runnable and "refused" in res.events[-1][1]
+
+
+def test_unsupported_granularity_and_precision_resolve_upward():
+    res = resolve(_ort_target(), get_registry().backends, ("onnx",),
+                  QuantSpec(weights=WeightSpec(granularity=PerGroup(32))))
+    assert res.spec.weights.granularity.type == "per_channel" and res.events[0][0] == "GRANULARITY_UNSUPPORTED"
+    gpu_only_fp = BackendTarget("onnxruntime", ("fp16", "fp32"), options=(("provider", "cpu"),))
+    res = resolve(gpu_only_fp, get_registry().backends, ("onnx",), QuantSpec())
+    assert res.spec.precision == "fp16" and res.events[0][0] == "PRECISION_UNSUPPORTED"
+
+
+def test_missing_plugin_and_unavailable_runtime_are_reason_coded():
+    res = resolve(BackendTarget("no-such-backend", ("int8",)), get_registry().backends, ("onnx",), QuantSpec())
+    assert res.events[0][0] == "BACKEND_UNAVAILABLE" and "no plugin registered" in res.events[0][1]
+    cuda = _ort_target(options=(("provider", "cuda"),))
+    res = resolve(cuda, get_registry().backends, ("onnx",), QuantSpec())
+    assert not res.runnable and "CUDAExecutionProvider" in res.events[0][1]
+
+
+def test_reason_codes_are_the_documented_set():
+    design = (ROOT / "README.md").read_text()
+    for code in REASON_CODES:
+        assert code in design, f"{code} is not documented in README.md"
