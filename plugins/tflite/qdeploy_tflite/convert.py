@@ -1,0 +1,139 @@
+"""PyTorch -> .tflite bytes with litert-torch, for each kind of artifact this backend builds.
+
+``static``: PT2E full-integer INT8. litert-torch's ``PT2EQuantizer`` annotates the ops TFLite runs in INT8; its
+activation observers are replaced by :class:`qdeploy observers <qdeploy.calibration.Observer>` (the spec's
+method) fed with qdeploy's calibration batches; float layers get no annotation. ``dynamic``: the PT2E dynamic
+recipe (INT8 weights, activations quantized per call by the kernels). ``fp16``: FP32 conversion, then float16
+weights with ai-edge-quantizer's float casting. ``fp32``: plain conversion.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qdeploy.backend import Plan
+from qdeploy.errors import BackendError
+
+
+def sample_inputs(plan: Plan, batch: int = 1) -> tuple[Any, ...]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn((batch,) + tuple(d or 1 for d in i.shape[1:]), generator=gen) for i in plan.model.inputs)
+
+
+def convert(plan: Plan, kind: str) -> bytes:
+    import litert_torch
+
+    module = plan.model.torch_module.eval()
+    sample = sample_inputs(plan)
+    if kind == "fp32":
+        return bytes(litert_torch.convert(module, sample).model_content())
+    if kind == "fp16":
+        return fp16_weights(bytes(litert_torch.convert(module, sample).model_content()))
+    return _pt2e(plan, module, sample, dynamic=kind == "dynamic")
+
+
+def fp16_weights(model: bytes) -> bytes:
+    """Store the weights of every supported op as float16 (dequantized to float32 when the model loads)."""
+    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
+
+    qt = quantizer.Quantizer(bytearray(model))
+    qt.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                              algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING)
+    return bytes(qt.quantize().quantized_model)
+
+
+def quantizer_for(plan: Plan, dynamic: bool) -> Any:
+    """litert-torch's PT2E quantizer set up from the resolved spec and the float layers of the plan."""
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    spec = plan.spec
+    per_channel = spec.weights.granularity.type == "per_channel"
+    config = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic)
+    if not dynamic:
+        act = spec.activations
+        qspec = QuantizationSpec(
+            dtype=torch.int8, quant_min=-128, quant_max=127,
+            qscheme=torch.per_tensor_symmetric if act.symmetric else torch.per_tensor_affine, is_dynamic=False,
+            observer_or_fake_quant_ctr=observer_class().with_args(act=act, eps=2 ** -12))
+        config = dataclasses.replace(config, input_activation=qspec, output_activation=qspec)
+    quantizer = PT2EQuantizer().set_global(config)
+    for name in plan.state["float_modules"]:
+        quantizer.set_module_name(name, None)
+    return quantizer
+
+
+def _pt2e(plan: Plan, module: Any, sample: tuple[Any, ...], dynamic: bool) -> bytes:
+    import litert_torch
+    import torch
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = quantizer_for(plan, dynamic)
+    batch = torch.export.Dim("batch")
+    try:  # a dynamic batch lets calibration run whole batches
+        two = tuple(torch.cat([s, s]) for s in sample)
+        exported = torch.export.export(module, two, dynamic_shapes=tuple({0: batch} for _ in two)).module()
+        per_sample = False
+    except Exception:  # noqa: BLE001 - models with a fixed batch: calibrate one sample at a time
+        exported = torch.export.export(module, sample).module()
+        per_sample = True
+    prepared = prepare_pt2e(exported, quantizer)
+    names = [i.name for i in plan.model.inputs]
+    with torch.no_grad():
+        if dynamic or plan.state.get("data") is None:
+            prepared(*sample)  # weight observers only
+        else:
+            for x, _ in plan.state["data"].batches():
+                tensors = [torch.from_numpy(x[n]) for n in names]
+                if per_sample:
+                    for i in range(len(tensors[0])):
+                        prepared(*(t[i:i + 1] for t in tensors))
+                else:
+                    prepared(*tensors)
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    converted.training = False  # exported from the eval-mode module; the flag only drives a converter warning
+    edge = litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    return bytes(edge.model_content())
+
+
+_OBSERVER: Any = None
+
+
+def observer_class() -> Any:
+    """A torchao observer whose range comes from a qdeploy observer (the spec's calibration method)."""
+    global _OBSERVER
+    if _OBSERVER is not None:
+        return _OBSERVER
+    import numpy as np
+    import torch
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    from qdeploy.calibration import make_observer
+
+    class QDeployObserver(MinMaxObserver):
+        """Feeds every observed batch to ``qdeploy.calibration.make_observer(act)``; its ``(lo, hi)`` range
+        becomes this observer's min/max, from which torchao computes scale and zero point."""
+
+        def __init__(self, act: Any = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            if act is None:
+                raise BackendError("QDeployObserver needs the spec's activation settings", "BUILD_FAILED")
+            self.act = act
+            self.observer = make_observer(act)
+
+        def forward(self, x_orig: Any) -> Any:
+            if x_orig.numel() == 0:
+                return x_orig
+            x = x_orig.detach().to(torch.float32).cpu().numpy()
+            self.observer.update(np.asarray(x))
+            lo, hi = self.observer.range()
+            self.min_val = torch.tensor(float(lo))
+            self.max_val = torch.tensor(float(hi))
+            return x_orig
+
+    _OBSERVER = QDeployObserver
+    return _OBSERVER
