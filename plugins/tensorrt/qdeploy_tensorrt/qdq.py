@@ -1,0 +1,254 @@
+"""The explicitly quantized (Q/DQ) ONNX graph that TensorRT builds an INT8 engine from, and a checker of
+TensorRT's rules for it.
+
+The rules, from NVIDIA's TensorRT Developer Guide, "Working with Quantized Types" (sections "Explicit
+Quantization", "Q/DQ Layer-Placement Recommendations"; docs.nvidia.com/deeplearning/tensorrt/latest/
+inference-library/work-quantized-types.html) and the operator reference for Quantize/Dequantize
+(docs.nvidia.com/deeplearning/tensorrt/operators/docs/Quantize.html):
+
+R1  Symmetric quantization only: "the zero_point must only contain zero-valued coefficients"; INT8 is signed.
+R2  Scales are positive build-time constants: a scalar (per-tensor) or a 1-D tensor (per-channel).
+R3  Per-channel scales for weights only, on the output-channel axis of the weighted layer (K of a
+    convolution's KCRS kernel, axis 0; axis 1 of a transposed convolution's CKRS kernel; N of a GEMM's B);
+    activations are per-tensor.
+R4  "Quantize all inputs of weighted operations (Convolution, Transposed Convolution and GEMM)": the
+    activation input and the weights of each INT8 layer come from a DequantizeLinear.
+R5  "By default, do not quantize the outputs of weighted operations": TensorRT fuses a following Q into
+    the layer when the next layer wants INT8, and keeps BN/ReLU fusions ("do not simulate batch-normalization
+    and ReLU fusions") -- so no Q/DQ between a Conv/Gemm/MatMul and its ReLU or residual Add.
+R6  "Quantize the residual input in skip connections": an Add fed by an INT8 weighted layer gets a Q/DQ on
+    its other (residual) input, so TensorRT can fuse the addition into the convolution's epilogue.
+R7  Weights may be float with a Q->DQ pair (TensorRT quantizes them at build time) or INT8 with a DQ.
+    Biases stay float (TensorRT does not take INT32-quantized biases in Q/DQ networks).
+
+ONNX Runtime's ``quantize_static`` writes the graph (QDQ format, symmetric QInt8 activations and weights,
+per-channel weights, float weights with Q/DQ pairs, one Q/DQ pair per consumer, unquantized biases, no Q/DQ
+on weighted-op outputs); qdeploy's calibrated ranges reach it through its own calibration cache. R6 is the
+one rule ORT's placement does not follow (quantizing ``Add`` would also put Q/DQ on the Conv output, against
+R5), so :func:`add_residual_qdq` inserts those pairs afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float, float]],
+                    int8_nodes: Iterable[str], per_channel: bool, workdir: Path) -> dict[str, Any]:
+    """Write the Q/DQ ONNX of ``reference`` with ``int8_nodes`` (ONNX node names of weighted layers) in INT8 and
+    every other node in float. Returns a summary (counts of Q/DQ pairs, residual pairs added)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    int8_nodes = list(int8_nodes)
+    proto = onnx.load(str(reference))
+    weighted = [n.name for n in proto.graph.node if n.op_type in WEIGHTED_OPS]
+    cache = workdir / "calibration_cache.json"
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+        name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+        for name, (lo, hi) in ranges.items()}), cache)
+    with _quiet_root_logger():
+        quantize_static(
+            str(reference), str(out), calibration_data_reader=None, calibration_cache_path=cache,
+            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(WEIGHTED_OPS), nodes_to_quantize=int8_nodes,
+            nodes_to_exclude=[n for n in weighted if n not in int8_nodes], per_channel=per_channel,
+            reduce_range=False, calibrate_method=CalibrationMethod.MinMax,
+            extra_options={
+                "ActivationSymmetric": True, "WeightSymmetric": True,            # R1
+                "AddQDQPairToWeight": True,                                      # R7: float weights + Q/DQ
+                "DedicatedQDQPair": True,                                        # one pair per consumer
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": -1},              # R3: N axis of B
+                "QuantizeBias": False,                                           # R7
+                "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),        # R5
+            })
+    proto = onnx.load(str(out))
+    residual = add_residual_qdq(proto, ranges, set(int8_nodes))
+    for node in proto.graph.node:  # exporter debug metadata: not needed by TensorRT, a few % of the size
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(proto, str(out))
+    counts = {op: sum(n.op_type == op for n in proto.graph.node) for op in QDQ_OPS}
+    return {"quantize_nodes": counts["QuantizeLinear"], "dequantize_nodes": counts["DequantizeLinear"],
+            "residual_qdq": residual, "int8_layers": len(int8_nodes)}
+
+
+def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8_nodes: set[str]) -> list[str]:
+    """R6: Q/DQ on the residual input of every Add whose other input is the output of an INT8 weighted layer.
+    Returns the residual tensors that got a pair."""
+    from onnx import helper, numpy_helper
+
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name for t in proto.graph.initializer}
+    added: list[str] = []
+    for node in list(proto.graph.node):
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in inits for i in node.input):
+            continue
+        srcs = [producer.get(i) for i in node.input]
+        fused = [i for i, s in enumerate(srcs) if s is not None and s.op_type in WEIGHTED_OPS and s.name in int8_nodes]
+        if len(fused) != 1:
+            continue
+        r = 1 - fused[0]
+        tensor, src = node.input[r], srcs[r]
+        if (src is not None and src.op_type == "DequantizeLinear") or tensor not in ranges:
+            continue
+        lo, hi = ranges[tensor]
+        scale = max(abs(lo), abs(hi), 1e-12) / 127.0  # R1: symmetric, zero point 0
+        tag = f"{tensor}__residual_{node.name}"
+        proto.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_scale"),
+                                        numpy_helper.from_array(np.array(0, np.int8), f"{tag}_zero_point")])
+        q = helper.make_node("QuantizeLinear", [tensor, f"{tag}_scale", f"{tag}_zero_point"], [f"{tag}_q"],
+                             name=f"{tag}_QuantizeLinear")
+        dq = helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zero_point"], [f"{tag}_dq"],
+                              name=f"{tag}_DequantizeLinear")
+        idx = list(proto.graph.node).index(node)
+        proto.graph.node.insert(idx, dq)
+        proto.graph.node.insert(idx, q)
+        node.input[r] = f"{tag}_dq"
+        added.append(tensor)
+    return added
+
+
+def output_channel_axis(node: Any, weight_rank: int) -> int:
+    """R3: the output-channel axis of a weighted node's weight (non-negative)."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return weight_rank - 1
+    return 0
+
+
+def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str] = ()) -> list[str]:
+    """Every way ``proto`` breaks R1-R7 for the given INT8 and float (promoted) weighted nodes; empty if none."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value"}
+    inits.update(consts)
+    nodes = {n.name: n for n in proto.graph.node}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    problems: list[str] = []
+
+    def qdq_axis(n: Any) -> int:
+        return next((a.i for a in n.attribute if a.name == "axis"), 1)
+
+    for n in proto.graph.node:
+        if n.op_type not in QDQ_OPS:
+            continue
+        scale = inits.get(n.input[1])
+        if scale is None:
+            problems.append(f"R2 {n.name}: scale {n.input[1]!r} is not a constant")
+            continue
+        if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            problems.append(f"R2 {n.name}: scales must be positive and finite")
+        if scale.ndim > 1:
+            problems.append(f"R2 {n.name}: scale has rank {scale.ndim}; TensorRT takes a scalar or a 1-D tensor")
+        if len(n.input) > 2 and n.input[2]:
+            zp = inits.get(n.input[2])
+            if zp is None or zp.dtype != np.int8 or np.any(zp != 0):
+                problems.append(f"R1 {n.name}: zero point must be an all-zero INT8 constant, got "
+                                f"{None if zp is None else (zp.dtype.name, np.unique(zp).tolist()[:4])}")
+        data = n.input[0]
+        is_weight = data in inits or (producer.get(data) is not None and producer[data].op_type == "QuantizeLinear"
+                                      and producer[data].input[0] in inits)
+        if scale.size > 1 and not is_weight:
+            problems.append(f"R3 {n.name}: per-channel scales on activation {data!r}; activations are per-tensor")
+        if scale.size > 1 and n.op_type == "DequantizeLinear":
+            w = inits.get(data if data in inits else producer[data].input[0])
+            for c in consumers.get(n.output[0], []):
+                if c.op_type in WEIGHTED_OPS and len(c.input) > 1 and c.input[1] == n.output[0] and w is not None:
+                    want = output_channel_axis(c, w.ndim)
+                    if qdq_axis(n) % w.ndim != want:
+                        problems.append(f"R3 {n.name}: per-channel axis {qdq_axis(n)} for {c.op_type} {c.name}; "
+                                        f"the output-channel axis is {want}")
+    for name in int8_nodes:
+        n = nodes.get(name)
+        if n is None:
+            problems.append(f"R4 {name}: no such node in the graph")
+            continue
+        for k, t in enumerate(n.input[:2]):
+            src = producer.get(t)
+            if src is None or src.op_type != "DequantizeLinear":
+                problems.append(f"R4 {name}: input {k} ({t!r}) does not come from a DequantizeLinear")
+        for t in n.output:
+            for c in consumers.get(t, []):
+                if c.op_type == "QuantizeLinear":
+                    problems.append(f"R5 {name}: output {t!r} is quantized directly (Q/DQ after a weighted op)")
+    int8 = set(int8_nodes)
+    for name in float_nodes:
+        n = nodes.get(name)
+        if n is None:
+            continue
+        for t in n.input[:2]:
+            src = producer.get(t)
+            if src is not None and src.op_type == "DequantizeLinear":
+                problems.append(f"{name}: kept in float by the plan but its input {t!r} comes from a DequantizeLinear")
+    for n in proto.graph.node:
+        if n.op_type != "Add" or len(n.input) != 2:
+            continue
+        srcs = [producer.get(i) for i in n.input]
+        fused = [i for i, s in enumerate(srcs) if s is not None and s.name in int8 and s.op_type in WEIGHTED_OPS]
+        if len(fused) == 1:
+            other = srcs[1 - fused[0]]
+            if n.input[1 - fused[0]] not in inits and (other is None or other.op_type != "DequantizeLinear"):
+                problems.append(f"R6 {n.name}: residual input {n.input[1 - fused[0]]!r} of an Add fed by INT8 "
+                                f"{srcs[fused[0]].name} has no Q/DQ")
+    return problems
+
+
+def with_float_rounding(proto: Any, nodes: Mapping[str, str]) -> Any:
+    """For the simulation only: round the float inputs and outputs of ``nodes`` (ONNX node name -> ``fp16`` or
+    ``bf16``) through that type with Cast pairs, as a TensorRT layer pinned to that precision stores them."""
+    from onnx import TensorProto, helper
+
+    to = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+    for node in list(proto.graph.node):
+        if node.name not in nodes:
+            continue
+        dtype = to[nodes[node.name]]
+        for k, t in enumerate(node.input):
+            if not t:
+                continue
+            tag = f"{t}__{nodes[node.name]}_{node.name}_in{k}"
+            idx = list(proto.graph.node).index(node)
+            proto.graph.node.insert(idx, helper.make_node("Cast", [f"{tag}_low"], [f"{tag}_back"], to=TensorProto.FLOAT,
+                                                          name=f"{tag}_Cast_back"))
+            proto.graph.node.insert(idx, helper.make_node("Cast", [t], [f"{tag}_low"], to=dtype, name=f"{tag}_Cast"))
+            node.input[k] = f"{tag}_back"
+        for k, t in enumerate(node.output):
+            raw = f"{t}__{nodes[node.name]}_raw"
+            idx = list(proto.graph.node).index(node)
+            node.output[k] = raw
+            proto.graph.node.insert(idx + 1, helper.make_node("Cast", [f"{raw}_low"], [t], to=TensorProto.FLOAT,
+                                                              name=f"{raw}_Cast_back"))
+            proto.graph.node.insert(idx + 1, helper.make_node("Cast", [raw], [f"{raw}_low"], to=dtype,
+                                                              name=f"{raw}_Cast"))
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

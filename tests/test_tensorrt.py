@@ -1,0 +1,362 @@
+"""The TensorRT backend: the Q/DQ graph against TensorRT's rules (by inspecting the ONNX), capabilities per
+compute capability, the bundle it writes without TensorRT, and engine builds (skipped where TensorRT is not)."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qdeploy.calibration import ActivationRanges, collect_ranges, open_data
+from qdeploy.errors import BackendError
+from qdeploy.fallback import resolve
+from qdeploy.model import load_model
+from qdeploy.plugins import get_registry
+from qdeploy.spec import ActivationSpec, QuantSpec, load_spec
+
+pytest.importorskip("onnxruntime")
+qdeploy_tensorrt = pytest.importorskip("qdeploy_tensorrt")
+from qdeploy_tensorrt import TensorRTBackend  # noqa: E402
+from qdeploy_tensorrt.engine import fast_precisions, tensorrt_status, trtexec_command  # noqa: E402
+from qdeploy_tensorrt.qdq import add_residual_qdq, check_rules, output_channel_axis  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TRT_OK, TRT_REASON, _, _ = tensorrt_status()
+needs_trt = pytest.mark.skipif(not TRT_OK, reason=f"engine build needs TensorRT and a GPU: {TRT_REASON}")
+
+
+# --- a small graph with every placement case: Conv, residual Add, MatMul with [K, N] weights, Gemm(transB=0) --
+def _residual_model(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)  # noqa
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="residual_add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "w3"], ["m"], name="matmul"),
+        helper.make_node("Relu", ["m"], ["r3"], name="relu3"),
+        helper.make_node("Gemm", ["r3", "w4", "b4"], ["y"], name="gemm", transB=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [init("w1", 4, 2, 3, 3), init("b1", 4), init("w2", 4, 4, 3, 3), init("b2", 4), init("w3", 64, 8),
+         init("w4", 8, 5), init("b4", 5)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def residual(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trt-residual")
+    handle = load_model(str(_residual_model(tmp / "m.onnx")), tmp / "reference.onnx")
+    x = np.random.default_rng(1).normal(size=(64, 2, 4, 4)).astype(np.float32)
+    spec = QuantSpec(activations=ActivationSpec(symmetric=True))
+    ranges = collect_ranges(handle, open_data(x, handle, "calibration", spec.calibration), spec.activations)
+    return handle, spec, ranges, x
+
+
+def _target(name: str = "nvidia-t4"):
+    return next(t for t in get_registry().profile(name).backends if t.backend == "tensorrt")
+
+
+def _build(handle, spec, ranges, lp, workdir):
+    backend = TensorRTBackend()
+    plan = backend.translate(handle, spec, _target(), lp)
+    plan = backend.calibrate(plan, ranges, None)
+    return backend, backend.build(plan, workdir)
+
+
+def _inits(proto):
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def test_qdq_graph_follows_tensorrt_rules(residual, tmp_path):
+    handle, spec, ranges, _ = residual
+    lp = {n: "int8" for n in handle.layers}
+    _, art = _build(handle, spec, ranges, lp, tmp_path)
+    proto = onnx.load(str(art.path / "model_qdq.onnx"))
+    inits = _inits(proto)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:  # symmetric INT8: every zero point an all-zero int8; positive scales
+        zp, scale = inits[n.input[2]], inits[n.input[1]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+        assert (scale > 0).all()
+    nodes = {n.name: n for n in proto.graph.node}
+    for name in ("conv1", "conv2", "matmul", "gemm"):  # R4: activation and weight inputs from a DQ
+        node = nodes[name]
+        act_dq, w_dq = producer[node.input[0]], producer[node.input[1]]
+        assert act_dq.op_type == "DequantizeLinear" and w_dq.op_type == "DequantizeLinear"
+        assert inits[act_dq.input[1]].ndim == 0, "activations are per-tensor"
+        w = inits[producer[w_dq.input[0]].input[0]]  # float weight -> Q -> DQ
+        axis = next(a.i for a in w_dq.attribute if a.name == "axis") % w.ndim
+        assert axis == output_channel_axis(node, w.ndim)
+        assert inits[w_dq.input[1]].shape == (w.shape[axis],), "per-channel on the output-channel axis"
+        assert not [c for o in node.output for c in consumers.get(o, []) if c.op_type == "QuantizeLinear"], \
+            "R5: no Q/DQ on a weighted op's output"
+        if len(node.input) > 2:
+            assert node.input[2] in inits, "bias stays a float initializer"
+    assert output_channel_axis(nodes["conv1"], 4) == 0
+    assert output_channel_axis(nodes["matmul"], 2) == 1 and output_channel_axis(nodes["gemm"], 2) == 1
+    add = nodes["residual_add"]  # R6: the residual input is quantized, the conv output is not
+    assert producer[add.input[0]].name == "conv2"
+    assert producer[add.input[1]].op_type == "DequantizeLinear"
+    # ORT already gave r1 a Q/DQ (it feeds conv2); on a graph where it has none, add_residual_qdq inserts it
+    ref = onnx.load(str(handle.onnx_path))
+    assert add_residual_qdq(ref, ranges.ranges, {"conv2"}) == ["r1"]
+    dq = {o: n for n in ref.graph.node for o in n.output}[next(n for n in ref.graph.node
+                                                               if n.name == "residual_add").input[1]]
+    assert dq.op_type == "DequantizeLinear" and not _inits(ref)[dq.input[2]].any()
+    assert _inits(ref)[dq.input[1]] == pytest.approx(max(map(abs, ranges.get("r1"))) / 127)
+    assert check_rules(proto, [handle.layers[n].node for n in lp]) == []
+
+
+def test_promoted_layers_have_no_qdq_and_carry_precision_constraints(residual, tmp_path):
+    handle, spec, ranges, x = residual
+    lp = {n: "int8" for n in handle.layers}
+    lp["conv2"], lp["gemm"] = "fp16", "fp32"
+    backend, art = _build(handle, spec, ranges, lp, tmp_path)
+    proto = onnx.load(str(art.path / "model_qdq.onnx"))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    nodes = {n.name: n for n in proto.graph.node}
+    for name in ("conv2", "gemm"):
+        assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in nodes[name].input)
+    assert producer[nodes["residual_add"].input[1]].op_type != "DequantizeLinear"  # conv2 is float: no R6 pair
+    config = json.loads((art.path / "build_config.json").read_text())
+    assert {(c["node"], c["precision"]) for c in config["precision_constraints"]} == {("conv2", "fp16"),
+                                                                                      ("gemm", "fp32")}
+    assert config["builder_flags"] == ["INT8", "FP16"]
+    line = (art.path / "trtexec.txt").read_text()
+    assert "--precisionConstraints=obey" in line and "--layerPrecisions=conv2:fp16,gemm:fp32" in line
+    assert "--minShapes=x:1x2x4x4" in line and "--int8" in line and "--fp16" in line
+    runner = backend.runner(art.path, art.meta)  # simulated, FP16 layer rounded through Cast
+    assert runner.simulated
+    out = runner.infer({"x": x[:4]})["y"]
+    assert out.shape == (4, 5) and np.isfinite(out).all()
+
+
+def test_rule_checker_reports_violations(residual, tmp_path):
+    handle, spec, ranges, _ = residual
+    lp = {n: "int8" for n in handle.layers}
+    _, art = _build(handle, spec, ranges, lp, tmp_path)
+    proto = onnx.load(str(art.path / "model_qdq.onnx"))
+    int8 = [handle.layers[n].node for n in lp]
+    bad = onnx.ModelProto()
+    bad.CopyFrom(proto)
+    zp = next(t for t in bad.graph.initializer if t.name == "x_zero_point")
+    zp.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zp.name))
+    assert any(p.startswith("R1") for p in check_rules(bad, int8))
+    bad.CopyFrom(proto)
+    dq = next(n for n in bad.graph.node if n.op_type == "DequantizeLinear" and n.input[1] == "w1_scale")
+    for a in dq.attribute:
+        if a.name == "axis":
+            a.i = 1
+    assert any(p.startswith("R3") for p in check_rules(bad, int8))
+    bad.CopyFrom(proto)
+    add = next(n for n in bad.graph.node if n.name == "residual_add")
+    add.input[1] = "r1"
+    assert any(p.startswith("R6") for p in check_rules(bad, int8))
+
+
+def test_capabilities_follow_compute_capability():
+    backend = TensorRTBackend()
+    assert fast_precisions("7.5") == ("int8", "fp16", "fp32")
+    assert fast_precisions("8.7") == ("int8", "fp16", "bf16", "fp32")
+    assert fast_precisions("9.0") == ("int8", "fp16", "bf16", "fp8", "fp32")
+    assert fast_precisions("7.0") == ("fp16", "fp32")
+    caps = {n: backend.capabilities(_target(n)) for n in ("nvidia-t4", "nvidia-jetson-orin", "nvidia-h100")}
+    assert caps["nvidia-t4"].precisions == ("int8", "fp16", "fp32")
+    assert "bf16" in caps["nvidia-jetson-orin"].precisions and "bf16" in caps["nvidia-h100"].precisions
+    assert "fp8" not in caps["nvidia-h100"].precisions  # no FP8 Q/DQ writer: never claimed
+    for c in caps.values():
+        assert c.available and c.verified_on == ("gpu" if TRT_OK else "simulated")
+
+
+def test_asymmetric_spec_is_made_symmetric_or_refused(residual):
+    handle = residual[0]
+    backends = get_registry().backends
+    asym = QuantSpec(activations=ActivationSpec(symmetric=False))
+    res = resolve(_target(), backends, handle.formats, asym)
+    assert res.spec.activations.symmetric
+    assert [c for c, _, _ in res.events] == ["GRANULARITY_UNSUPPORTED"]
+    strict = asym.replace(fallback=asym.fallback.__class__(policy="strict"))
+    assert not resolve(_target(), backends, handle.formats, strict).runnable
+    # a profile entry without the symmetric-only flags: the backend itself translates (or refuses under strict)
+    loose = _target().__class__("tensorrt", ("int8", "fp32"), compute_capability="7.5")
+    plan = TensorRTBackend().translate(handle, asym, loose, {n: "int8" for n in handle.layers})
+    assert plan.state["events"][0][0] == "GRANULARITY_UNSUPPORTED"
+    with pytest.raises(BackendError) as err:
+        TensorRTBackend().translate(handle, strict, loose, {n: "int8" for n in handle.layers})
+    assert err.value.code == "GRANULARITY_UNSUPPORTED"
+
+
+def test_bad_inputs_get_one_clear_error(residual):
+    handle, spec, _, _ = residual
+    backend = TensorRTBackend()
+    with pytest.raises(BackendError, match="static activation scales"):
+        backend.translate(handle, spec.replace(activations=ActivationSpec(mode="dynamic", symmetric=True)),
+                          _target(), {n: "int8" for n in handle.layers})
+    with pytest.raises(BackendError, match="no fast kernels"):
+        backend.translate(handle, spec, _target("nvidia-t4"), {n: "bf16" for n in handle.layers})
+    with pytest.raises(BackendError, match="not a TensorRT artifact"):
+        backend.runner(Path("/nonexistent"), {"onnx": "model_qdq.onnx"})
+
+
+def test_trtexec_line_for_static_shapes():
+    line = trtexec_command({"onnx": "m.onnx", "workspace_mb": 512, "builder_flags": ["INT8"],
+                            "precision_constraints": [], "shapes": {"x": {"min": [1, 3], "opt": [1, 3], "max": [1, 3]}}})
+    assert line == ("trtexec --onnx=m.onnx --saveEngine=engine.plan --timingCacheFile=timing.cache "
+                    "--memPoolSize=workspace:512 --int8")
+
+
+# --- the acceptance run: digits -> nvidia-t4 ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_bundle(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from qdeploy.pipeline import deploy
+
+    data = tmp_path_factory.mktemp("digits-data")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "digits.py"), "prepare", str(data)], check=True,
+                   capture_output=True)
+    out = tmp_path_factory.mktemp("digits-t4") / "bundle"
+    return deploy(f"{ROOT / 'examples' / 'digits.py'}:build_model", target="nvidia-t4",
+                  spec=load_spec(ROOT / "examples" / "digits_spec.toml"), calib=data / "calib.npz",
+                  val=data / "val.npz", output=out, input_shape="1x1x8x8",
+                  backends=["tensorrt", "onnxruntime:cpu"])
+
+
+def test_digits_to_t4_bundle(digits_bundle):
+    m = digits_bundle.manifest
+    trt = next(a for a in m["artifacts"] if a["backend"] == "tensorrt")
+    folder = digits_bundle.path / trt["path"]
+    for f in ("model_qdq.onnx", "build_config.json", "trtexec.txt", "build_engine.sh"):
+        assert (folder / f).is_file(), f
+    assert "trtexec --onnx=model_qdq.onnx" in (folder / "trtexec.txt").read_text()
+    ref_acc = m["reference"]["metrics"]["top1_accuracy"]
+    assert trt["precision"] == "int8"
+    assert trt["metrics"]["top1_accuracy"] >= ref_acc - 0.01  # simulated INT8 within 1 point of FP32
+    assert trt["verified_on"] == ("gpu" if TRT_OK else "simulated")
+    if not TRT_OK:
+        events = [e for e in m["events"] if e["target"] == "tensorrt" and e["code"] == "BACKEND_UNAVAILABLE"]
+        assert events and "qdeploy build-engine" in events[0]["message"]
+        assert "simulated" in events[0]["message"]
+        assert digits_bundle.runner(trt["id"]).simulated  # never served; the chain goes on to onnxruntime
+        host = next(a for a in m["artifacts"] if a["target"] == "onnxruntime:cpu")
+        assert not digits_bundle.runner(host["id"]).simulated
+    assert check_rules(onnx.load(str(folder / "model_qdq.onnx")),
+                       [layer["node"] for layer in m["model"]["layers"].values()]) == []
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """The qdeploy CLI in a subprocess with only this plugin and onnxruntime's loaded (other plugins in
+    development must not decide this file's results)."""
+    import os
+    from importlib import metadata
+
+    others = [ep.name for ep in metadata.entry_points(group="qdeploy") if ep.name not in ("tensorrt", "onnxruntime")]
+    env = {**os.environ, "QDEPLOY_DISABLED_PLUGINS": ",".join(others)}
+    return subprocess.run([sys.executable, "-m", "qdeploy.cli", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.skipif(TRT_OK, reason="TensorRT is installed here: the refusal path does not apply")
+def test_build_engine_without_tensorrt_exits_2_with_one_line(digits_bundle):
+    proc = _cli("build-engine", str(digits_bundle.path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs TensorRT" in lines[0]
+
+
+def test_build_engine_bad_bundle_is_one_error(tmp_path):
+    proc = _cli("build-engine", str(tmp_path))
+    assert proc.returncode == 2 and "not a qdeploy bundle" in proc.stderr
+
+
+def test_import_qdeploy_tensorrt_does_not_import_tensorrt():
+    code = "import qdeploy_tensorrt, qdeploy.plugins as p, sys; p.get_registry(); print('tensorrt' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# TensorRT Python API members the engine module uses, as bound in NVIDIA/TensorRT python/src/infer/pyCore.cpp,
+# pyGraph.cpp and python/src/parsers/pyOnnx.cpp (8.6 - 10.x) and the Python API reference.
+TRT_API = {
+    "Logger", "Logger.WARNING", "Builder", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH", "OnnxParser",
+    "MemoryPoolType.WORKSPACE", "BuilderFlag", "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "LayerType.CONSTANT",
+    "LayerType.SHAPE", "Runtime", "TensorIOMode.INPUT", "nptype", "__version__",
+    "create_network", "parse_from_file", "num_errors", "get_error", "create_builder_config",
+    "set_memory_pool_limit", "set_flag", "num_inputs", "get_input", "num_layers", "get_layer", "precision",
+    "set_output_type", "num_outputs", "type", "name", "create_optimization_profile", "set_shape",
+    "add_optimization_profile", "create_timing_cache", "set_timing_cache", "build_serialized_network",
+    "get_timing_cache", "serialize", "deserialize_cuda_engine", "create_execution_context", "num_io_tensors",
+    "get_tensor_name", "get_tensor_mode", "get_tensor_profile_shape", "get_tensor_dtype", "set_input_shape",
+    "set_tensor_address", "get_tensor_shape", "execute_async_v3",
+}
+
+
+def test_engine_module_uses_only_documented_tensorrt_api():
+    """Every ``trt.X`` and every method called on a TensorRT object in engine.py is a documented member."""
+    src = (Path(qdeploy_tensorrt.__file__).parent / "engine.py").read_text()
+    tree = ast.parse(src)
+    trt_objs = {"builder", "network", "parser", "bconf", "profile", "layer", "runtime", "engine", "context",
+                "cache", "serialized"}
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain, cur = [node.attr], node.value
+            while isinstance(cur, ast.Attribute):
+                chain.insert(0, cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name) and cur.id == "trt":
+                used.add(".".join(chain))
+            elif isinstance(cur, ast.Name) and cur.id in trt_objs:
+                used.add(chain[0])
+            elif isinstance(cur, ast.Name) and cur.id == "self" and chain[0] in ("engine", "context", "runtime"):
+                used.update(chain[1:2])
+            elif isinstance(cur, ast.Call) and isinstance(cur.func, ast.Attribute) and \
+                    cur.func.attr in ("get_timing_cache", "get_input", "get_error"):
+                used.add(chain[0])
+    used -= {"trt", "stream", "cuda", "logger"}
+    used = {u for u in used if not any(v.startswith(u + ".") for v in used)}  # keep whole chains only
+    assert used and used <= TRT_API | {"float32", "float16", "bfloat16"}, sorted(used - TRT_API)
+
+
+@needs_trt
+def test_build_engine_on_gpu_updates_manifest(digits_bundle):
+    from qdeploy.bundle import Bundle
+    from qdeploy.cli import main
+
+    assert main(["build-engine", str(digits_bundle.path)]) == 0
+    bundle = Bundle.load(digits_bundle.path)  # integrity map re-computed
+    art = next(a for a in bundle.artifacts if a["backend"] == "tensorrt")
+    assert (bundle.path / art["path"] / "engine.plan").is_file()
+    assert art["engine"]["tensorrt_version"] and art["engine"]["gpu"] and art["verified_on"] == "gpu"
+    assert not bundle.runner(art["id"]).simulated
+
+
+@needs_trt
+def test_engine_build_with_precision_constraints(residual, tmp_path):
+    handle, spec, ranges, x = residual
+    lp = {n: "int8" for n in handle.layers}
+    lp["gemm"] = "fp32"
+    backend, art = _build(handle, spec, ranges, lp, tmp_path)
+    assert (art.path / "engine.plan").is_file() and art.meta["constrained_layers"]["gemm"]
+    runner = backend.runner(art.path, art.meta)
+    assert not runner.simulated
+    assert runner.infer({"x": x[:8]})["y"].shape == (8, 5)
