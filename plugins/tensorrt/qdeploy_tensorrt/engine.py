@@ -152,13 +152,13 @@ def build_engine(folder: Path, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _apply_constraints(trt: Any, network: Any, constraints: list[Mapping[str, str]]) -> dict[str, list[str]]:
-    """Pin the precision of the TensorRT layers the ONNX parser made from each constrained ONNX node (the parser
-    names a node's layers after the node: the node name, or the name plus a suffix)."""
+    """Pin the precision of the TensorRT layer the ONNX parser made from each constrained ONNX node (the parser
+    gives a node's main layer the node's name; exact matches only, so ``conv`` never pins ``conv_1``)."""
     wanted = {c["node"]: c["precision"] for c in constraints}
     matched: dict[str, list[str]] = {n: [] for n in wanted}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        node = next((n for n in wanted if layer.name == n or layer.name.startswith(n + "_")), None)
+        node = layer.name if layer.name in wanted else None
         if node is None or layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
             continue
         dtype = getattr(trt, TRT_TYPES[wanted[node]])
