@@ -142,15 +142,7 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
     elif isinstance(source, np.ndarray) or isinstance(source, dict):
         x, y = _name_arrays(source if isinstance(source, dict) else {"": source}, model, name)
     elif isinstance(source, Iterable):
-        items = source
-
-        def chunks() -> Iterator[Batch]:
-            for item in items:
-                if isinstance(item, tuple) and len(item) == 2:
-                    yield _name_arrays({"": item[0]} if not isinstance(item[0], dict) else item[0], model, name)[0], item[1]
-                else:
-                    yield _name_arrays(item if isinstance(item, dict) else {"": item}, model, name)
-        return Dataset(chunks, model, name, batch, limit or (cal.samples if cal else None))
+        return _iterable_dataset(source, model, name, batch, limit or (cal.samples if cal else None))
     else:
         raise DataError(f"{role} data: cannot read a {type(source).__name__}; pass a folder, .npz/.npy, arrays or "
                         f"an iterable")
@@ -195,6 +187,28 @@ def _name_arrays(arrays: dict[str, Any], model: ModelHandle, name: str) -> Batch
     if missing:
         raise DataError(f"{name}: no array for model input(s) {missing}; found {sorted(arrays)}")
     return {n: np.asarray(arrays[n]) for n in names}, (None if y is None else np.asarray(y))
+
+
+def _iterable_dataset(source: Iterable, model: ModelHandle, name: str, batch: int, limit: int | None) -> Dataset:
+    """Items are arrays, dicts of arrays, or ``(inputs, labels)`` pairs. A one-shot iterator (a generator) is
+    kept in memory up to ``limit`` samples so it can be read more than once; a re-iterable is re-read."""
+
+    def parse(item: Any) -> Batch:
+        if isinstance(item, tuple) and len(item) == 2:
+            x = item[0] if isinstance(item[0], dict) else {"": item[0]}
+            return _name_arrays(x, model, name)[0], item[1]
+        return _name_arrays(item if isinstance(item, dict) else {"": item}, model, name)
+
+    if iter(source) is source:
+        kept, seen = [], 0
+        for item in source:
+            x, y = parse(item)
+            kept.append((x, y))
+            seen += len(next(iter(x.values())))
+            if limit is not None and seen >= limit:
+                break
+        return Dataset(lambda: iter(kept), model, name, batch, limit)
+    return Dataset(lambda: (parse(item) for item in source), model, name, batch, limit)
 
 
 def _folder_chunks(files: list[Path], model: ModelHandle, label_file: Path | None, name: str):

@@ -161,9 +161,12 @@ def layer_map(proto: Any) -> dict[str, LayerInfo]:
         if node.op_type not in QUANTIZABLE_OPS:
             continue
         name = node.name
+        weight = next((x for x in node.input[1:2] if x in inits), "")
         meta = {p.key: p.value for p in node.metadata_props}
         scopes = meta.get("pkg.torch.onnx.name_scopes")
-        if scopes:
+        if weight.endswith(".weight"):  # a PyTorch parameter keeps its module path (even when BN was folded in)
+            name = weight[: -len(".weight")]
+        elif scopes:
             parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
             if len(parts) >= 2 and parts[-2]:
                 name = parts[-2]
@@ -171,7 +174,6 @@ def layer_map(proto: Any) -> dict[str, LayerInfo]:
         while name in layers:
             k += 1
             name = f"{base}#{k}"
-        weight = next((x for x in node.input[1:2] if x in inits), "")
         layers[name] = LayerInfo(name, node.op_type, node.name, weight, node.input[0], node.output[0])
     return layers
 
