@@ -266,7 +266,8 @@ def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str,
     shutil.move(str(art.path), dest)
     clean(art.path)
     runner = backend.runner(dest, art.meta)
-    lat = latency_ms(runner, val_x)
+    # a simulated runner's speed says nothing about the target runtime: publish no latency for it
+    lat = None if runner.simulated else latency_ms(runner, val_x)
     runner.close()
     return {"id": ident, "backend": res.target.backend, "target": res.target.label, "precision": precision,
             "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest), "size_bytes": path_size(dest),

@@ -35,7 +35,7 @@ def summary_rows(manifest: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         b = art["budget"]
         lat = art.get("latency_ms")
         rows.append([art["id"], art["target"], art["precision"], _fmt_size(art["size_bytes"]),
-                     f"{art['size_vs_fp32']:.2f}x", f"{lat:.2f} ms" if lat is not None else "n/a",
+                     f"{art['size_vs_fp32']:.2f}x", f"{lat:.2f} ms" if lat is not None else "n/a (simulated)" if art["verified_on"] == "simulated" else "n/a",
                      _speed(ref["latency_ms"], lat), art["verified_on"]]
                     + [f"{art['metrics'][m]:.4f}" if m in art["metrics"] else "" for m in metric_names]
                     + [("pass" if b["passed"] else "FAIL") + f" ({b['metric']} {b['value']:.4f} vs {b['budget']:.4f})"])
