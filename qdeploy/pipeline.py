@@ -27,7 +27,7 @@ from .verify import budget_output, check_budget, latency_ms, output_metrics, run
 
 Echo = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
-SENSITIVITY_SAMPLES = 64
+SENSITIVITY_SAMPLES = 32
 WARMUP_SAMPLES = 8
 
 
