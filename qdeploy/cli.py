@@ -193,6 +193,23 @@ def cmd_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .serve import FallbackModel, serve
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.max_body_mb <= 0:
+        raise QDeployError(f"--max-body-mb {args.max_body_mb} must be positive")
+    model = FallbackModel(args.bundle, name=args.name, policy=args.policy, reference_fallback=not args.no_reference,
+                          breaker_errors=args.breaker_errors, breaker_window=args.breaker_window,
+                          drift_sample=args.drift_sample, drift_window=args.drift_window)
+    serve(model, host=args.host, port=args.port, max_body=int(args.max_body_mb * 1024 * 1024),
+          log_level="warning" if args.log_level == "info" else args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qdeploy", description="Verified, quantized deployments of one FP32 model "
                                 "for many target devices.")
@@ -238,6 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", nargs="?")
     sp.add_argument("--output", "-o")
     sp.set_defaults(func=cmd_spec)
+
+    sv = sub.add_parser("serve", help="serve a bundle over HTTP (Open Inference Protocol v2), demoting along its "
+                        "fallback chain on load failure, runtime errors or accuracy drift")
+    sv.add_argument("bundle")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    sv.add_argument("--port", "-p", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--name", help="model name in /v2/models/NAME (default: the bundle folder's name)")
+    sv.add_argument("--policy", choices=("auto", "warn", "strict"), default="auto",
+                    help="auto/warn: demote along the chain; strict: never demote, fail loudly (default: auto)")
+    sv.add_argument("--no-reference", action="store_true", help="do not fall back to the FP32 reference at the end")
+    sv.add_argument("--breaker-errors", type=int, default=3,
+                    help="demote an artifact after this many runtime errors (default 3) ...")
+    sv.add_argument("--breaker-window", type=int, default=20, help="... among an artifact's last N calls (20)")
+    sv.add_argument("--drift-sample", type=float, default=0.05,
+                    help="fraction of requests shadow-run through the FP32 reference (default 0.05; 0: off)")
+    sv.add_argument("--drift-window", type=int, default=64, help="shadowed samples per drift decision (64)")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
+    sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
