@@ -63,7 +63,9 @@ def test_int8_keeps_accuracy_and_shrinks(deployed):
     ref_acc = bundle.manifest["reference"]["metrics"]["top1_accuracy"]
     assert art["metrics"]["top1_accuracy"] >= ref_acc - 0.01
     assert art["budget"]["passed"]
-    if art["precision"] == "int8":
+    if art["precision"] == "int8" and art["verified_on"] != "simulated":
+        # a simulated artifact is an engine recipe (TensorRT's Q/DQ ONNX keeps FP32 weights until the target
+        # builds the INT8 engine), so its file size says nothing about the deployed size
         assert art["size_vs_fp32"] <= 0.30, art["size_vs_fp32"]
 
 
