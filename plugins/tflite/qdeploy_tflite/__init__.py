@@ -105,12 +105,12 @@ class TFLiteBackend(Backend):
     artifact_suffix = ".tflite"
 
     def capabilities(self, target: Any) -> Capabilities:
-        why = converter_status()
-        if why:
-            return Capabilities(False, f"{why}; install litert-torch (plugins/tflite) to convert PyTorch models")
         interp, runtime, reason = interpreter_class()
         if interp is None:
             return Capabilities(False, reason)
+        why = converter_status()
+        if why:
+            return Capabilities(False, f"{why}; install litert-torch (plugins/tflite) to convert PyTorch models")
         if runtime == "tflite-runtime":  # old runtime: no current dynamic-range models, no FP16 weights
             return Capabilities(True, precisions=("int8", "fp32"), granularities=("per_tensor", "per_channel"),
                                 model_formats=("torch",), activation_modes=("static",), weight_bits=(8,))

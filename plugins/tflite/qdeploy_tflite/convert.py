@@ -47,7 +47,7 @@ def fp16_weights(model: bytes) -> bytes:
 def quantizer_for(plan: Plan, dynamic: bool) -> Any:
     """litert-torch's PT2E quantizer set up from the resolved spec and the float layers of the plan."""
     import torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
     spec = plan.spec
@@ -60,9 +60,8 @@ def quantizer_for(plan: Plan, dynamic: bool) -> Any:
             qscheme=torch.per_tensor_symmetric if act.symmetric else torch.per_tensor_affine, is_dynamic=False,
             observer_or_fake_quant_ctr=observer_class().with_args(act=act, eps=2 ** -12))
         config = dataclasses.replace(config, input_activation=qspec, output_activation=qspec)
-    quantizer = PT2EQuantizer().set_global(config)
-    for name in plan.state["float_modules"]:
-        quantizer.set_module_name(name, None)
+    quantizer = layer_quantizer_class()().set_global(config)
+    quantizer.float_modules = tuple(plan.state["float_modules"])
     return quantizer
 
 
@@ -100,7 +99,46 @@ def _pt2e(plan: Plan, module: Any, sample: tuple[Any, ...], dynamic: bool) -> by
     return bytes(edge.model_content())
 
 
+_QUANTIZER: Any = None
 _OBSERVER: Any = None
+
+
+def layer_quantizer_class() -> Any:
+    """litert-torch's PT2EQuantizer that leaves the ops of ``float_modules`` (module paths) unannotated.
+
+    Its own ``set_module_name`` refuses "no quantization" and its module filter does not parse the
+    ``nn_module_stack`` keys torch 2.13 writes, so the filter here reads the module paths themselves."""
+    global _QUANTIZER
+    if _QUANTIZER is not None:
+        return _QUANTIZER
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from litert_torch.quantize.pt2e_quantizer_utils import propagate_annotation
+
+    class LayerQuantizer(PT2EQuantizer):
+        float_modules: tuple[str, ...] = ()
+
+        def annotate(self, model: Any) -> Any:
+            floats = self.float_modules
+
+            def quantize_node(node: Any) -> bool:
+                for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                    path = str(path).removeprefix("L['self'].")
+                    if any(path == m or path.startswith(m + ".") for m in floats):
+                        return False
+                return True
+
+            config = self.global_config
+            if config.input_activation is None:
+                self._annotate_all_dynamic_patterns(model, config, quantize_node)
+            else:
+                self._annotate_all_static_patterns(model, config, quantize_node)
+            propagate_annotation(model)
+            return model
+
+    _QUANTIZER = LayerQuantizer
+    return _QUANTIZER
+
+
 
 
 def observer_class() -> Any:
