@@ -1,0 +1,175 @@
+"""qdeploy backend for PyTorch: static INT8 (PT2E + Inductor on the x86 engine; FX graph mode on fbgemm,
+onednn and qnnpack), dynamic INT8 for Linear/LSTM, FP16/BF16 (CPU, and CUDA when a GPU is present), and
+quantization-aware training (:mod:`qdeploy_torch.qat`) whose result every backend can deploy.
+
+Engine per profile entry: ``engine`` option (``x86`` default on CPU) or ``device = "cuda"``. The x86 engine
+quantizes with torchao's ``prepare_pt2e``/``convert_pt2e`` and the ``X86InductorQuantizer`` configured from the
+spec (:mod:`qdeploy_torch.quantize`), saves a ``torch.export`` program (``.pt2``) and runs it through
+``torch.compile`` with Inductor freezing, which lowers the Q/DQ pattern to oneDNN INT8 kernels
+(:mod:`qdeploy_torch.runner`). fbgemm/onednn/qnnpack use FX graph mode on torch's quantized engines and save
+TorchScript (their packed weights cannot be exported). Layers the spec or the fallback loop keep in
+fp32/bf16/fp16 stay out of quantization (``set_module_name_qconfig(name, None)``), the 16-bit ones wrapped
+to run in their dtype.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from qdeploy.backend import Artifact, Backend, Capabilities, Plan
+from qdeploy.errors import BackendError
+from qdeploy.fallback import summarize_precision
+
+hookimpl = pluggy.HookimplMarker("qdeploy")
+DEFAULT_BATCH = 32
+DYNAMIC_OPS = ("Gemm", "MatMul")
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    artifact_suffix = ".pt2"
+
+    # --- what can run here ------------------------------------------------------------------------------
+    def capabilities(self, target: Any) -> Capabilities:
+        try:
+            import torch
+        except ImportError as exc:
+            return Capabilities(False, f"torch is not importable: {exc}")
+        device = target.option("device", "cpu")
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                return Capabilities(False, f"no CUDA GPU is visible to torch {torch.__version__} here "
+                                    f"(torch.cuda.is_available() is False)")
+            return Capabilities(True, precisions=("fp16", "bf16", "fp32"), model_formats=("torch",),
+                                activation_modes=("static",), verified_on="gpu")
+        if device != "cpu":
+            return Capabilities(False, f"unknown device {device!r}; the torch backend runs on cpu or cuda")
+        engine = target.option("engine", "x86")
+        from .quantize import ENGINES, PT2E_ENGINES
+
+        supported = torch.backends.quantized.supported_engines
+        if engine not in ENGINES:
+            return Capabilities(False, f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+        if engine not in supported:
+            return Capabilities(False, f"quantized engine {engine} is not built into torch {torch.__version__} "
+                                f"here (has {', '.join(e for e in supported if e != 'none')})")
+        if engine in PT2E_ENGINES:
+            try:
+                import torchao.quantization.pt2e  # noqa: F401
+            except Exception as exc:
+                return Capabilities(False, f"the {engine} engine quantizes with torchao PT2E, which is not "
+                                    f"importable: {exc}")
+        return Capabilities(True, precisions=("int8", "fp16", "bf16", "fp32"),
+                            granularities=("per_tensor", "per_channel"), model_formats=("torch",),
+                            activation_modes=("static", "dynamic"), weight_bits=(2, 3, 4, 5, 6, 7, 8),
+                            verified_on="runtime")
+
+    def advise(self, model: Any, spec: Any, target: Any) -> list[str]:
+        from qdeploy.profiles import cpu_flags
+
+        notes = []
+        engine = target.option("engine", "x86")
+        device = target.option("device", "cpu")
+        x86_host = platform.machine().lower() in ("x86_64", "amd64")
+        if device == "cpu" and engine == "qnnpack" and x86_host:
+            notes.append("qnnpack is built for ARM: on this x86 CPU its INT8 kernels were measured slower than "
+                         "FP32 (see benchmarks/bench_torch.py); the artifact is verified here but is only fast on "
+                         "an ARM device")
+        uses = {spec.precision} | {o.precision for o in spec.overrides}
+        if device == "cpu" and "fp16" in uses:
+            notes.append("FP16 on a CPU runs through conversions, slower than FP32: a size format here")
+        if device == "cpu" and "bf16" in uses and x86_host and "avx512_bf16" not in cpu_flags() \
+                and "amx_bf16" not in cpu_flags():
+            notes.append("this CPU has no AVX512_BF16/AMX: BF16 is emulated and slower than FP32")
+        if spec.activations.mode == "dynamic":
+            convs = [n for n, l in model.layers.items() if l.op_type in ("Conv", "ConvTranspose")]
+            if convs:
+                notes.append(f"dynamic INT8 quantizes Linear/LSTM only: the {len(convs)} convolution(s) stay FP32")
+        if spec.weights.bits < 8 and spec.activations.mode == "static":
+            notes.append(f"{spec.weights.bits}-bit weights run on the INT8 kernels (int8 storage, "
+                         f"{2 ** spec.weights.bits} levels): same speed and size as INT8")
+        return notes
+
+    # --- the four steps ----------------------------------------------------------------------------------
+    def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
+        from .quantize import is_prequantized, module_names, torch_layer
+
+        if model.torch_module is None:
+            raise BackendError("the torch backend needs the PyTorch model (this one is ONNX only)",
+                               "MODEL_FORMAT_UNSUPPORTED")
+        lp = dict(layer_precisions)
+        used = set(lp.values()) or {spec.precision}
+        device = target.option("device", "cpu")
+        state: dict[str, Any] = {"device": device, "engine": target.option("engine", "x86" if device == "cpu"
+                                                                            else None)}
+        if is_prequantized(model.torch_module):
+            if used - {"int8"} and spec.precision != "fp32":
+                raise BackendError("this model is already quantized (a converted QAT/PT2E graph): its layers' "
+                                   "precisions are fixed by its quantize/dequantize nodes", "PRECISION_UNSUPPORTED")
+            state["path"] = "prequantized"
+            return Plan(self.name, model, spec, target, {n: "int8" for n in lp}, state=state)
+        if "fp8" in used:
+            raise BackendError("the torch backend builds int8/fp16/bf16/fp32, not fp8", "PRECISION_UNSUPPORTED")
+        if device == "cuda" and "int8" in used:
+            raise BackendError("INT8 on CUDA is not a torch backend path (use tensorrt)", "PRECISION_UNSUPPORTED")
+        modules = module_names(model.torch_module)
+        odd = [n for n, p in lp.items() if p != "int8" and "int8" in used and torch_layer(n, modules) is None]
+        if odd:
+            raise BackendError(f"layer(s) {odd} have no PyTorch module path, so they cannot be kept out of "
+                               f"quantization one by one", "OP_UNSUPPORTED")
+        if "int8" in used:
+            mode = spec.activations.mode
+            if mode == "none":
+                raise BackendError("weight-only INT8 is not a torch CPU format; use static or dynamic activations",
+                                   "PRECISION_UNSUPPORTED")
+            if mode == "dynamic":
+                if spec.weights.bits != 8:
+                    raise BackendError(f"dynamic INT8 takes 8-bit weights, not {spec.weights.bits}-bit",
+                                       "PRECISION_UNSUPPORTED")
+                for name, layer in model.layers.items():  # convolutions stay fp32 under dynamic INT8
+                    if lp.get(name) == "int8" and (layer.op_type not in DYNAMIC_OPS or
+                                                   torch_layer(name, modules) is None):
+                        lp[name] = "fp32"
+                state["path"] = "dynamic"
+            else:
+                from .quantize import PT2E_ENGINES, activation_qrange, check_weights
+
+                check_weights(spec)
+                activation_qrange(target)
+                state["path"] = "pt2e" if state["engine"] in PT2E_ENGINES else "fx"
+        else:
+            state["path"] = "float"
+        return Plan(self.name, model, spec, target, lp, state=state)
+
+    def calibrate(self, plan: Plan, ranges: Any, data: Any) -> Plan:
+        plan.ranges = ranges
+        plan.state["data"] = data  # torch observes the calibration data itself, with the spec's method
+        return plan
+
+    def build(self, plan: Plan, workdir: Path) -> Artifact:
+        from . import build as b
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        return b.build(plan, workdir)
+
+    def runner(self, path: Path, meta: Mapping[str, Any]) -> Any:
+        from .runner import TorchRunner
+
+        return TorchRunner(Path(path), meta)
+
+
+@hookimpl
+def qdeploy_register_backends(register: Any) -> None:
+    register(TorchBackend())
+
+
+@hookimpl
+def qdeploy_add_commands(subparsers: Any) -> None:
+    from .cli import add_qat_command
+
+    add_qat_command(subparsers)

@@ -1,0 +1,83 @@
+"""The runner of every torch artifact: a ``torch.export`` program (``.pt2``) compiled by Inductor, or a
+TorchScript file (``.ts``) for the FX/dynamic paths. Neither needs the model's Python source, and neither
+loads pickles: ``torch.export.load`` reads a zip of JSON and raw tensors, ``torch.jit.load`` TorchScript.
+
+Compiled artifacts run with Inductor freezing on: freezing folds the INT8 weights into prepacked oneDNN
+kernels. It is a global Inductor setting read at every (re)compile, so each call runs under
+``torch._inductor.config.patch(freezing=True)``; without it a recompile would silently fall back to the slow
+reference quantize/dequantize code. Shapes are static (``dynamic=False``; dynamic-shape compiles of the
+quantized convolutions fail in torch 2.13): batches are padded to ``max_batch``, so one graph serves all.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdeploy.backend import Runner
+from qdeploy.errors import BackendError
+
+
+def load_program(path: Path, device: str = "cpu") -> Any:
+    import torch
+
+    try:
+        import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops, if missing)
+    except ImportError:
+        pass
+    try:
+        module = torch.export.load(str(path)).module()
+    except Exception as exc:
+        raise BackendError(f"cannot load {path.name}: {type(exc).__name__}: {exc}", "LOAD_FAILED") from None
+    return module
+
+
+class TorchRunner(Runner):
+    def __init__(self, path: Path, meta: Mapping[str, Any]) -> None:
+        import torch
+
+        self.torch = torch
+        self.meta = dict(meta)
+        self.device = meta.get("device", "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("this artifact runs on CUDA and no GPU is visible here", "LOAD_FAILED")
+        self.input_names = list(meta["input_names"])
+        self.output_names = list(meta["output_names"])
+        self.max_batch = int(meta["batch"])
+        engine = meta.get("engine")
+        if engine and meta.get("quantized_engine", False):
+            if engine not in torch.backends.quantized.supported_engines:
+                raise BackendError(f"quantized engine {engine} is not in this torch build (has "
+                                   f"{torch.backends.quantized.supported_engines})", "LOAD_FAILED")
+            torch.backends.quantized.engine = engine
+        if meta["format"] == "torchscript":
+            try:
+                self.module = torch.jit.load(str(path), map_location=self.device)
+            except Exception as exc:
+                raise BackendError(f"cannot load {Path(path).name}: {exc}", "LOAD_FAILED") from None
+            self.fn = self.module
+        else:
+            self.module = load_program(Path(path))
+            self.fn = torch.compile(self.module, dynamic=False) if meta.get("compile", True) else self.module
+        self.threads = int(meta.get("threads", 0))
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        import torch._inductor.config as inductor_config
+
+        n = len(feed[self.input_names[0]])
+        args = []
+        for name in self.input_names:
+            x = feed[name]
+            if n < self.max_batch:  # one static shape: pad, run, cut
+                x = np.concatenate([x, np.zeros((self.max_batch - n,) + x.shape[1:], x.dtype)])
+            args.append(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            out = self.fn(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {k: v[:n].float().cpu().numpy() for k, v in zip(self.output_names, outs)}
+
+    def close(self) -> None:
+        self.fn = self.module = None
