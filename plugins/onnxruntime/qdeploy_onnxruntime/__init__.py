@@ -64,6 +64,11 @@ class OnnxRuntimeBackend(Backend):
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
         lp = dict(layer_precisions)
         used = set(lp.values())
+        if _prequantized(model.onnx_path):  # e.g. a converted QAT model: deploy its own Q/DQ, never re-quantize
+            if used - {"int8"} and spec.precision != "fp32":
+                raise BackendError("this model is already quantized (it has QuantizeLinear/DequantizeLinear nodes): "
+                                   "its layers' precisions are fixed by them", "PRECISION_UNSUPPORTED")
+            return Plan(self.name, model, spec, target, {n: "int8" for n in lp}, state={"prequantized": True})
         if "int8" in used and ({"fp16", "bf16"} & used):
             raise BackendError("onnxruntime cannot mix INT8 and FP16 layers in one model; keep the float layers "
                                "in fp32", "PRECISION_UNSUPPORTED")
@@ -87,7 +92,10 @@ class OnnxRuntimeBackend(Backend):
         used = set(lp.values()) or {"fp32"}
         float_nodes = [plan.model.layers[n].node for n, p in lp.items() if p == "fp32"]
         meta: dict[str, Any] = {"provider": plan.target.option("provider", "cpu")}
-        if "int8" in used and plan.spec.activations.mode == "static":
+        if plan.state.get("prequantized"):
+            shutil.copyfile(plan.model.onnx_path, out)
+            meta["format"] = "qdq-prequantized"
+        elif "int8" in used and plan.spec.activations.mode == "static":
             self._static(plan, out, float_nodes, workdir)
             meta["format"] = "qdq"
         elif "int8" in used:
@@ -139,6 +147,14 @@ class OnnxRuntimeBackend(Backend):
         provider = meta.get("provider", "cpu")
         providers = [PROVIDERS[provider], "CPUExecutionProvider"] if provider != "cpu" else None
         return OrtRunner(path, providers)
+
+
+def _prequantized(path: Path) -> bool:
+    """True when the model already carries its quantization as Q/DQ nodes (a converted QAT model)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
 
 
 def _strip_debug_metadata(path: Path) -> None:
