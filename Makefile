@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*)
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) | sha1sum | cut -c1-10)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt plugins/tflite/requirements-litert.txt pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) | sha1sum | cut -c1-10)
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
 .PHONY: setup test test-fast demo bench clean
@@ -14,6 +14,7 @@ $(STAMP):
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -r requirements-nodeps.txt
 	$(PIP) -e . $(addprefix -e ,$(PLUGINS))
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -32,6 +33,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_onnxruntime.py
+	$(BIN)/python benchmarks/bench_tflite.py
 
 clean:
 	rm -rf build
