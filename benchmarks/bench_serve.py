@@ -5,7 +5,8 @@
 Both HTTP servers run in their own process (uvicorn, one worker, same settings), serve the same artifact (the
 bundle's first) and speak the same v2 JSON request; the load comes from a Python client process on loopback
 (``--concurrency`` threads, keep-alive connections, ``--requests`` requests per run after a warm-up), and runs
-alternate between the servers for ``--rounds`` rounds (the median round is reported). qdeploy runs with its
+alternate between the servers for ``--rounds`` rounds (the median round is reported, with the server process's CPU time per request, which other
+load on the machine disturbs far less than throughput). qdeploy runs with its
 production defaults (drift guard sampling 5% of requests, metrics on). Prints a table and writes
 ``build/bench/serve.json``. Not a test: numbers depend on the machine and its load.
 """
@@ -94,8 +95,16 @@ def start_server(kind: str, bundle: Path) -> tuple[subprocess.Popen, int]:
 
 
 # ------------------------------------------------------------------------------------------- load
-def http_load(port: int, path: str, body: bytes, headers: dict, n: int, concurrency: int) -> dict:
-    """``n`` POSTs from ``concurrency`` threads on keep-alive connections; requests/s and latency percentiles."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_load(port: int, path: str, body: bytes, headers: dict, n: int, concurrency: int,
+              pid: int | None = None) -> dict:
+    """``n`` POSTs from ``concurrency`` threads on keep-alive connections: requests/s, latency percentiles and
+    (with ``pid``) the server's CPU time per request, which other load on the machine disturbs far less."""
     lat: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -123,13 +132,17 @@ def http_load(port: int, path: str, body: bytes, headers: dict, n: int, concurre
             lat.extend(mine)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return summary(lat, wall, errors[0])
+    out = summary(lat, wall, errors[0])
+    if pid:
+        out["server_cpu_us_per_request"] = (cpu_seconds(pid) - cpu0) / max(len(lat), 1) * 1e6
+    return out
 
 
 def inprocess_load(fn, n: int, concurrency: int) -> dict:
@@ -159,6 +172,38 @@ def inprocess_load(fn, n: int, concurrency: int) -> dict:
     return summary(lat, time.perf_counter() - start, 0)
 
 
+def asgi_cpu_us(app, path: str, body: bytes, n: int) -> float:
+    """CPU time (all threads of this process) per request when ``app`` is called through ASGI directly, one
+    request at a time: the app's own cost, without uvicorn, sockets or the client, so far less noisy."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    status: list[int] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    async def run() -> float:
+        for _ in range(100):
+            await app(dict(scope), receive, send)
+        start = time.process_time()
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+        return (time.process_time() - start) / n * 1e6
+
+    us = asyncio.run(run())
+    if set(status) != {200}:
+        sys.exit(f"ASGI run got statuses {sorted(set(status))}")
+    return us
+
+
 def summary(lat: list[float], wall: float, errors: int) -> dict:
     a = np.array(lat) * 1000
     return {"requests": len(lat), "errors": errors, "rps": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)),
@@ -166,8 +211,12 @@ def summary(lat: list[float], wall: float, errors: int) -> dict:
 
 
 def median_run(runs: list[dict]) -> dict:
-    best = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
-    return {**best, "rounds_rps": [round(r["rps"], 1) for r in runs]}
+    """The round with the median throughput, plus every round's throughput and the median server CPU time."""
+    best = dict(sorted(runs, key=lambda r: r["rps"])[len(runs) // 2])
+    best["rounds_rps"] = [round(r["rps"], 1) for r in runs]
+    if "server_cpu_us_per_request" in runs[0]:
+        best["server_cpu_us_per_request"] = statistics.median(r["server_cpu_us_per_request"] for r in runs)
+    return best
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -175,8 +224,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=str(ROOT / "build" / "demo"))
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--output", default=str(ROOT / "build" / "bench" / "serve.json"))
     ap.add_argument("--server", choices=("qdeploy", "minimal"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -215,11 +264,13 @@ def main() -> int:
             r = http_load(port, path, json_body, jh, 200, c)
             if r["errors"]:
                 sys.exit(f"{kind}: {r['errors']} of 200 warm-up requests failed")
-        for _ in range(args.rounds):
-            results["minimal FastAPI + onnxruntime (JSON)"].append(
-                http_load(servers["minimal"][1], path, json_body, jh, n, c))
-            results["qdeploy serve (JSON)"].append(http_load(servers["qdeploy"][1], path, json_body, jh, n, c))
-            results["qdeploy serve (binary)"].append(http_load(servers["qdeploy"][1], path, bin_body, bh, n, c))
+        mp, mport = servers["minimal"][0].pid, servers["minimal"][1]
+        qp, qport = servers["qdeploy"][0].pid, servers["qdeploy"][1]
+        runs = [("minimal FastAPI + onnxruntime (JSON)", mport, json_body, jh, mp),
+                ("qdeploy serve (JSON)", qport, json_body, jh, qp), ("qdeploy serve (binary)", qport, bin_body, bh, qp)]
+        for i in range(args.rounds):  # alternate the order, so a burst of other load hits both sides alike
+            for label, port, body, headers, pid in (runs if i % 2 == 0 else runs[::-1]):
+                results[label].append(http_load(port, path, body, headers, n, c, pid))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -237,22 +288,43 @@ def main() -> int:
         results[label] = [inprocess_load(fn, n * 5, c) for _ in range(args.rounds)]
     model.close()
 
+    from qdeploy.serve import create_app
+
+    apps = {"minimal": minimal_app(b.path / b.artifacts[0]["path"]),
+            "qdeploy": create_app(FallbackModel(b).start())}
+    asgi: dict[str, list[float]] = {k: [] for k in apps}
+    for i in range(args.rounds):
+        for k in (list(apps) if i % 2 == 0 else list(apps)[::-1]):
+            asgi[k].append(asgi_cpu_us(apps[k], path, json_body, 1000))
+    asgi_us = {k: statistics.median(v) for k, v in asgi.items()}
+
     table = {k: median_run(v) for k, v in results.items()}
     base, ours = table["minimal FastAPI + onnxruntime (JSON)"], table["qdeploy serve (JSON)"]
     overhead = base["rps"] / ours["rps"] - 1
     print(f"\n{name}: artifact {b.artifacts[0]['id']}, 1 sample per request, concurrency {c}, loopback, "
           f"{os.cpu_count()} CPUs, median of {args.rounds} rounds\n")
-    print(f"{'':<40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"{'':<40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU us/req':>18} {'errors':>7}")
     for k, r in table.items():
-        print(f"{k:<40} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['errors']:>7}")
-    verdict = "within" if overhead <= 0.10 else "OVER"
-    print(f"\nqdeploy serve overhead vs the minimal app (throughput, JSON): {overhead * 100:+.1f}% "
-          f"({verdict} the 10% budget)")
+        cpu = r.get("server_cpu_us_per_request")
+        cpu_text = f"{cpu:.0f}" if cpu is not None else "-"
+        print(f"{k:<40} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {cpu_text:>18} {r['errors']:>7}")
+    cpu_overhead = ours["server_cpu_us_per_request"] / base["server_cpu_us_per_request"] - 1
+    # the app-level difference, over the whole per-request cost of the minimal server (uvicorn included)
+    app_overhead = (asgi_us["qdeploy"] - asgi_us["minimal"]) / base["server_cpu_us_per_request"]
+    print(f"\napp only, through ASGI (no uvicorn, no client), CPU us per request: minimal "
+          f"{asgi_us['minimal']:.0f}, qdeploy {asgi_us['qdeploy']:.0f} (median of {args.rounds})")
+    for what, value in (("throughput", overhead), ("server CPU time per request", cpu_overhead),
+                        ("app CPU difference over the minimal server's CPU per request", app_overhead)):
+        verdict = "within" if value <= 0.10 else "OVER"
+        print(f"qdeploy serve overhead vs the minimal app ({what}, JSON): {value * 100:+.1f}% ({verdict} the 10% "
+              f"budget)")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bundle": str(bundle), "artifact": b.artifacts[0]["id"], "concurrency": c,
                                "requests_per_round": n, "rounds": args.rounds, "cpus": os.cpu_count(),
-                               "results": table, "overhead_vs_minimal": overhead}, indent=2) + "\n")
+                               "results": table, "overhead_vs_minimal": overhead,
+                               "cpu_overhead_vs_minimal": cpu_overhead, "asgi_cpu_us_per_request": asgi_us,
+                               "app_overhead_vs_minimal": app_overhead}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 
