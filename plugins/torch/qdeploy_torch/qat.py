@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qdeploy.errors import ModelError
+from qdeploy.errors import BackendError, ModelError
 
 GUIDANCE = (
     "QAT guidance: fine-tune from the trained FP32 weights with 1-10% of the original learning rate for about "
@@ -133,7 +133,10 @@ def prepare(model: torch.nn.Module, spec: Any = None, example_inputs: tuple | No
         raise ModelError(f"the model fails on example inputs of shape "
                          f"{[tuple(x.shape) for x in example_inputs]}: {type(exc).__name__}: {exc}") from None
     with quiet():
-        gm = export_for_quantization(float_model, example_inputs, "the model for QAT")
+        try:
+            gm = export_for_quantization(float_model, example_inputs, "the model for QAT")
+        except BackendError as exc:
+            raise ModelError(str(exc)) from None
         quantizer = X86InductorQuantizer().set_global(pt2e_config(spec, _target(), is_qat=True,
                                                                   learn_scales=learn_scales))
         prepared = prepare_qat_pt2e(gm, quantizer)

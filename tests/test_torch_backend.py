@@ -1,0 +1,341 @@
+"""The torch backend (plugins/torch): capabilities per engine, static INT8 through PT2E + Inductor on the
+digits example, the compiled fast path, FX engines, dynamic INT8, float paths, fallback to the next backend,
+agreement with ONNX Runtime, and the errors bad inputs get."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchao")
+qdeploy_torch = pytest.importorskip("qdeploy_torch")
+
+import qdeploy  # noqa: E402
+from qdeploy.errors import ModelError  # noqa: E402
+from qdeploy.plugins import get_registry  # noqa: E402
+from qdeploy.verify import output_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = f"{ROOT / 'examples' / 'digits.py'}:build_model"
+SPEC = ROOT / "examples" / "digits_spec.toml"
+MINMAX = {"precision": "int8", "weights": {"bits": 8, "symmetric": True, "granularity": "per_channel"},
+          "activations": {"mode": "static", "method": "minmax"},
+          "budget": {"metric": "top1_accuracy", "mode": "relative", "threshold": 0.01}}
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import digits
+
+    out = digits.prepare(tmp_path_factory.mktemp("digits"))
+    return out / "calib.npz", out / "val.npz"
+
+
+def target(profile: str, label: str):
+    return next(t for t in get_registry().profile(profile).backends if t.label == label)
+
+
+def backend():
+    return get_registry().backends["torch"]
+
+
+# --- light tests ---------------------------------------------------------------------------------------------
+def test_import_stays_light():
+    code = ("import sys, qdeploy; from qdeploy.plugins import get_registry; r = get_registry(); "
+            "assert 'torch' in r.backends; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_capabilities_per_engine():
+    caps = backend().capabilities(target("x86-avx512-vnni", "torch:x86"))
+    assert caps.available and caps.model_formats == ("torch",) and "int8" in caps.precisions
+    assert set(caps.activation_modes) == {"static", "dynamic"} and 4 in caps.weight_bits
+    assert backend().capabilities(target("x86-avx2", "torch:fbgemm")).available
+    assert backend().capabilities(target("arm64-neon", "torch:qnnpack")).available
+    from qdeploy.profiles import BackendTarget
+
+    bad = backend().capabilities(BackendTarget("torch", ("int8",), options=(("engine", "vnni9000"),)))
+    assert not bad.available and "known: x86, onednn, fbgemm, qnnpack" in bad.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the CUDA entry is available")
+def test_cuda_entry_unavailable_with_reason():
+    caps = backend().capabilities(target("nvidia-t4", "torch:cuda"))
+    assert not caps.available and "CUDA" in caps.reason
+
+
+def test_check_reports_qnnpack_slow_on_x86():
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the warning is for x86 hosts")
+    result = qdeploy.check(DIGITS, target="arm64-neon", input_shape="1x1x8x8", backends=["torch"])
+    entry = result["entries"][0]
+    assert entry["runnable"] and any("qnnpack" in w and "slower than FP32" in w for w in entry["warnings"])
+
+
+def test_observer_per_method():
+    from qdeploy.calibration import PercentileObserver
+    from qdeploy.spec import ActivationSpec
+    from qdeploy_torch import quantize as q
+    from torchao.quantization.pt2e import observer as obs
+
+    assert q.activation_observer(ActivationSpec(method="minmax"), "pt2e")[0] is obs.MinMaxObserver
+    cls, kw = q.activation_observer(ActivationSpec(method="moving_average", momentum=0.8), "pt2e")
+    assert cls is obs.MovingAverageMinMaxObserver and kw["averaging_constant"] == pytest.approx(0.2)
+    assert q.activation_observer(ActivationSpec(method="mse"), "pt2e")[0] is obs.HistogramObserver
+    cls, kw = q.activation_observer(ActivationSpec(method="percentile", percentile=99.0), "pt2e")
+    x = np.random.default_rng(0).standard_normal((64, 100)).astype(np.float32)
+    ours = cls(**kw, dtype=torch.uint8)
+    ours(torch.from_numpy(x))
+    core = PercentileObserver(99.0)
+    core.update(x)
+    assert (float(ours.min_val), float(ours.max_val)) == pytest.approx(core.range(), rel=1e-6)
+
+
+def test_per_tensor_weights_are_equal_per_channel_scales():
+    from qdeploy_torch import quantize as q
+    from torchao.quantization.pt2e import observer as obs
+
+    ob = q._uniform_per_channel_class(obs.PerChannelMinMaxObserver)(dtype=torch.int8, qscheme=torch.per_channel_symmetric,
+                                                                  quant_min=-127, quant_max=127)
+    w = torch.randn(8, 4)
+    w[3] *= 50
+    ob(w)
+    scale, zp = ob.calculate_qparams()
+    assert torch.allclose(scale, scale[0].expand_as(scale)) and float(scale[0]) == pytest.approx(
+        float(w.abs().max()) / 127, rel=1e-5)
+    assert not zp.any()
+
+
+def test_asymmetric_weights_refused_with_reason(digits_data):
+    calib, val = digits_data
+    spec = dict(MINMAX, weights={"bits": 8, "symmetric": False, "granularity": "per_channel"})
+    b = qdeploy.deploy(DIGITS, target="x86-avx512-vnni", spec=spec, calib=calib, val=val, input_shape="1x1x8x8",
+                       backends=["torch", "onnxruntime"], output=Path(calib).parent / "asym")
+    ev = [e for e in b.manifest["events"] if e["target"] == "torch:x86"]
+    assert ev and ev[0]["code"] == "GRANULARITY_UNSUPPORTED" and "zero point 0" in ev[0]["message"]
+    assert [a["backend"] for a in b.manifest["artifacts"]] == ["onnxruntime"]
+
+
+def test_onnx_only_model_falls_back_to_next_backend(digits_data, tmp_path):
+    calib, val = digits_data
+    ref = qdeploy.deploy(DIGITS, target="x86-avx512-vnni", spec=MINMAX, calib=calib, val=val, input_shape="1x1x8x8",
+                         backends=["onnxruntime"], output=tmp_path / "ref")
+    onnx_path = tmp_path / "ref" / "reference.onnx"
+    b = qdeploy.deploy(onnx_path, target="x86-avx512-vnni", spec=MINMAX, calib=calib, val=val,
+                       backends=["torch", "onnxruntime"], output=tmp_path / "onnx-only")
+    codes = [(e["target"], e["code"]) for e in b.manifest["events"]]
+    assert ("torch:x86", "MODEL_FORMAT_UNSUPPORTED") in codes
+    assert [a["backend"] for a in b.manifest["artifacts"]] == ["onnxruntime"]
+    assert ref.manifest["artifacts"][0]["backend"] == "onnxruntime"
+
+
+# --- bad inputs: one clear error each ---------------------------------------------------------------------------
+def test_factory_that_raises(tmp_path):
+    f = tmp_path / "broken.py"
+    f.write_text("def build():\n    raise RuntimeError('weights file missing')\n")
+    with pytest.raises(ModelError, match="factory .* raised RuntimeError: weights file missing"):
+        qdeploy.deploy(f"{f}:build", target="x86-avx512-vnni", input_shape="1x4", backends=["torch"],
+                       output=tmp_path / "b")
+
+
+def test_wrong_input_shape(tmp_path):
+    with pytest.raises(ModelError, match="fails on an input of shape 1x3x8x8.*--input-shape"):
+        qdeploy.deploy(DIGITS, target="x86-avx512-vnni", input_shape="1x3x8x8", backends=["torch"],
+                       output=tmp_path / "b")
+
+
+def test_module_that_cannot_be_exported(tmp_path):
+    f = tmp_path / "dyn.py"
+    f.write_text("import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                 "        self.fc = torch.nn.Linear(4, 4)\n    def forward(self, x):\n"
+                 "        return self.fc(x) if x.sum() > 0 else -self.fc(x)\n")
+    with pytest.raises(ModelError, match="cannot export"):
+        qdeploy.deploy(f"{f}:M", target="x86-avx512-vnni", input_shape="1x4", backends=["torch"],
+                       output=tmp_path / "b")
+    from qdeploy_torch import qat
+
+    sys.path.insert(0, str(tmp_path))
+    import dyn
+
+    with pytest.raises(ModelError, match="torch.export cannot capture the model for QAT"):
+        qat.prepare(dyn.M(), None, input_shape=(1, 4))
+
+
+# --- real builds -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_bundle(digits_data, tmp_path_factory):
+    calib, val = digits_data
+    out = tmp_path_factory.mktemp("bundle") / "digits-torch"
+    return qdeploy.deploy(DIGITS, target="x86-avx512-vnni", spec=SPEC, calib=calib, val=val, input_shape="1x1x8x8",
+                          backends=["torch"], output=out)
+
+
+@pytest.mark.slow
+def test_digits_static_int8_x86(digits_bundle):
+    """Acceptance: top-1 within 1 point of FP32, artifact <= 0.30x the FP32 size."""
+    m = digits_bundle.manifest
+    art = m["artifacts"][0]
+    assert art["backend"] == "torch" and art["precision"] == "int8" and art["meta"]["path"] == "pt2e"
+    assert art["metrics"]["top1_accuracy"] >= m["reference"]["metrics"]["top1_accuracy"] - 0.01
+    assert art["size_vs_fp32"] <= 0.30
+    assert art["path"].endswith(".pt2") and art["meta"]["observer"] == "mse"
+
+
+@pytest.mark.slow
+def test_compiled_artifact_is_the_fast_path(digits_bundle):
+    """The runner's compiled program holds oneDNN INT8 kernels, also when it recompiles with freezing switched
+    off globally, and beats the uncompiled reference form."""
+    import time
+
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from qdeploy_torch.runner import TorchRunner
+
+    art = digits_bundle.manifest["artifacts"][0]
+    runner = TorchRunner(digits_bundle.path / art["path"], art["meta"])
+    assert runner.meta["compile"] is True
+    x = torch.rand(32, 1, 8, 8)
+    for attempt in ("first compile", "recompile with freezing off globally"):
+        torch._dynamo.reset()
+        with inductor_config.patch(freezing=attempt == "first compile"):
+            _, code = run_and_get_code(runner.infer, {"input": x.numpy()})
+        text = "\n".join(code)
+        assert "onednn.qconv" in text and "onednn.qlinear" in text, f"{attempt}: no INT8 kernels"
+    feed = {"input": x.numpy()}
+    runner.infer(feed)
+    reference = runner.module  # the same program, uncompiled: reference quantize/dequantize in FP32
+
+    def timeit(fn, n=30):
+        best = float("inf")
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            fast = timeit(lambda: runner.infer(feed))
+            slow = timeit(lambda: reference(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert fast < slow, f"compiled {fast * 1e3:.2f} ms is not faster than the reference {slow * 1e3:.2f} ms"
+
+
+@pytest.mark.slow
+def test_runner_contract(digits_bundle):
+    """What the core expects of every runner: named inputs/outputs, any batch size, numpy out."""
+    from qdeploy.bundle import Bundle
+    from qdeploy_torch.runner import TorchRunner
+
+    b = Bundle.load(digits_bundle.path)
+    art = b.manifest["artifacts"][0]
+    runner = TorchRunner(b.path / art["path"], art["meta"])
+    assert runner.input_names == ["input"] and runner.output_names == ["output"]
+    x = np.random.default_rng(0).random((45, 1, 8, 8), dtype=np.float32)  # 32 + a padded 13
+    out = runner.infer({"input": x})["output"]
+    single = runner.infer({"input": x[:1]})["output"]
+    assert out.shape == (45, 10) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:1], single, atol=1e-5)
+    samples = b.samples()
+    stored = samples[f"{art['id']}:output"]
+    again = runner.infer({"input": samples["input:input"]})["output"]
+    np.testing.assert_allclose(again, stored, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_agrees_with_onnxruntime(digits_data, tmp_path):
+    """Cross-backend agreement: the same spec on the same model through torch (x86) and ONNX Runtime gives INT8
+    outputs that agree: top-1 agreement >= 0.99 and cosine >= 0.999 on the validation set."""
+    from qdeploy.backend import OrtRunner
+    from qdeploy_torch.runner import TorchRunner
+
+    calib, val = digits_data
+    b = qdeploy.deploy(DIGITS, target="x86-avx512-vnni", spec=MINMAX, calib=calib, val=val, input_shape="1x1x8x8",
+                       backends=["torch", "onnxruntime"], output=tmp_path / "both")
+    arts = {a["backend"]: a for a in b.manifest["artifacts"]}
+    assert arts["torch"]["precision"] == arts["onnxruntime"]["precision"] == "int8"
+    x = dict(np.load(val))["input"]
+    t = TorchRunner(b.path / arts["torch"]["path"], arts["torch"]["meta"]).infer({"input": x})["output"]
+    o = OrtRunner(b.path / arts["onnxruntime"]["path"]).infer({"input": x})["output"]
+    m = output_metrics(o, t)
+    assert m["top1_agreement"] >= 0.99 and m["cosine"] >= 0.999, m
+
+
+@pytest.mark.slow
+def test_layer_overrides_keep_layers_out_of_int8(digits_data, tmp_path):
+    """Per-layer overrides act in the torch build: conv1 in bf16, fc2 in fp32, the rest INT8."""
+    calib, val = digits_data
+    spec = dict(MINMAX, overrides=[{"match": "conv1", "precision": "bf16"}, {"match": "fc2", "precision": "fp32"}])
+    b = qdeploy.deploy(DIGITS, target="x86-avx512-bf16", spec=spec, calib=calib, val=val, input_shape="1x1x8x8",
+                       backends=["torch"], output=tmp_path / "mixed")
+    art = b.manifest["artifacts"][0]
+    assert art["layer_precisions"] == {"conv1": "bf16", "conv2": "int8", "conv3": "int8", "fc1": "int8",
+                                       "fc2": "fp32"}
+    assert art["precision"] == "mixed int8/bf16/fp32" and art["budget"]["passed"]
+    prog = torch.export.load(str(b.path / art["path"]))
+    nodes = list(prog.graph.nodes)
+    convs = [n for n in nodes if n.target == torch.ops.aten.conv2d.default]
+    linears = [n for n in nodes if n.target == torch.ops.aten.linear.default]
+    assert convs[0].args[1].meta["val"].dtype == torch.bfloat16  # conv1 weight in bf16
+    assert "dequantize" not in str(linears[-1].args[1].target if hasattr(linears[-1].args[1], "target") else "")
+    assert "dequantize" in str(convs[1].args[0].target)  # conv2 reads a dequantized INT8 activation
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile,label,engine", [("x86-avx2", "torch:fbgemm", "fbgemm"),
+                                                  ("arm64-neon", "torch:qnnpack", "qnnpack")])
+def test_fx_engines(digits_data, tmp_path, profile, label, engine):
+    calib, val = digits_data
+    b = qdeploy.deploy(DIGITS, target=profile, spec=MINMAX, calib=calib, val=val, input_shape="1x1x8x8",
+                       backends=[label], output=tmp_path / engine)
+    art = b.manifest["artifacts"][0]
+    assert art["meta"]["engine"] == engine and art["meta"]["format"] == "torchscript"
+    assert art["budget"]["passed"] and art["size_vs_fp32"] < 0.5
+
+
+@pytest.mark.slow
+def test_dynamic_int8_for_linear_and_lstm(tmp_path):
+    f = tmp_path / "seq.py"
+    f.write_text(
+        "import torch\n"
+        "class Seq(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.lstm = torch.nn.LSTM(16, 64, batch_first=True)\n"
+        "        self.fc1 = torch.nn.Linear(64, 64)\n"
+        "        self.fc2 = torch.nn.Linear(64, 8)\n"
+        "    def forward(self, x):\n"
+        "        h, _ = self.lstm(x)\n"
+        "        return self.fc2(torch.relu(self.fc1(h[:, -1])))\n"
+        "def build():\n"
+        "    return Seq().eval()\n")
+    spec = {"precision": "int8", "activations": {"mode": "dynamic"}, "budget": {"metric": "cosine", "threshold": 0.99}}
+    b = qdeploy.deploy(f"{f}:build", target="x86-avx512-vnni", spec=spec, input_shape="1x12x16", backends=["torch"],
+                       output=tmp_path / "dyn")
+    art = b.manifest["artifacts"][0]
+    assert art["meta"]["path"] == "dynamic" and set(art["meta"]["dynamic_layers"]) == {"lstm", "fc1", "fc2"}
+    assert art["budget"]["passed"] and art["metrics"]["cosine"] >= 0.99
+
+
+@pytest.mark.slow
+def test_bf16_whole_model(digits_data, tmp_path):
+    calib, val = digits_data
+    spec = {"precision": "bf16", "budget": {"metric": "top1_accuracy", "mode": "relative", "threshold": 0.01}}
+    b = qdeploy.deploy(DIGITS, target="x86-avx512-bf16", spec=spec, val=val, input_shape="1x1x8x8",
+                       backends=["torch"], output=tmp_path / "bf16")
+    art = b.manifest["artifacts"][0]
+    assert art["precision"] == "bf16" and art["meta"]["path"] == "float" and art["budget"]["passed"]
