@@ -58,7 +58,8 @@ def build(plan: Plan, workdir: Path) -> Artifact:
                             "batch": batch, "input_names": [i.name for i in plan.model.inputs],
                             "output_names": [o.name for o in plan.model.outputs]}
     module = plan.model.torch_module
-    module.eval()
+    with contextlib.suppress(NotImplementedError):  # a loaded torch.export program is already in eval form
+        module.eval()
     example = example_inputs(plan, batch)
     with quiet():
         if path == "pt2e":
