@@ -236,7 +236,8 @@ def _from_torch(module: Any, source: str, reference_path: Path, shape: tuple[int
         raise ModelError(f"a PyTorch model needs --input-shape (with the batch dimension), e.g. 1x3x32x32, "
                          f"for {source}")
     if hasattr(module, "eval"):
-        module.eval()
+        with contextlib.suppress(NotImplementedError):  # a loaded torch.export program is already in eval form
+            module.eval()
     example = torch.randn(*((max(2, shape[0]),) + shape[1:]))
     try:
         with torch.no_grad():
