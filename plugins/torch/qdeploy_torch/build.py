@@ -56,7 +56,8 @@ def build(plan: Plan, workdir: Path) -> Artifact:
     batch = int(plan.target.option("batch", DEFAULT_BATCH))
     meta: dict[str, Any] = {"path": path, "engine": plan.state["engine"], "device": plan.state["device"],
                             "batch": batch, "input_names": [i.name for i in plan.model.inputs],
-                            "output_names": [o.name for o in plan.model.outputs]}
+                            "output_names": [o.name for o in plan.model.outputs],
+                            "sample_shapes": {i.name: [d or 1 for d in i.shape[1:]] for i in plan.model.inputs}}
     module = plan.model.torch_module
     with contextlib.suppress(NotImplementedError):  # a loaded torch.export program is already in eval form
         module.eval()

@@ -3,13 +3,14 @@ TorchScript file (``.ts``) for the FX/dynamic paths. Neither needs the model's P
 loads pickles: ``torch.export.load`` reads a zip of JSON and raw tensors, ``torch.jit.load`` TorchScript.
 
 Compiled artifacts run with Inductor freezing on: freezing folds the INT8 weights into prepacked oneDNN
-kernels. It is a global Inductor setting read at every (re)compile, so each call runs under
-``torch._inductor.config.patch(freezing=True)``; without it a recompile would silently fall back to the slow
-reference quantize/dequantize code. Shapes are static (``dynamic=False``; dynamic-shape compiles of the
+kernels. It is a global Inductor setting read at every (re)compile: the runner turns it on for the process
+and, should anything have turned it off since, runs the call under ``torch._inductor.config.patch(freezing=True)``;
+without it a recompile would silently fall back to the slow reference quantize/dequantize code. Shapes are static (``dynamic=False``; dynamic-shape compiles of the
 quantized convolutions fail in torch 2.13): batches are padded to ``max_batch``, so one graph serves all.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from qdeploy.backend import Runner
-from qdeploy.errors import BackendError
+from qdeploy.errors import BackendError, DataError
 
 
 def load_program(path: Path, device: str = "cpu") -> Any:
@@ -60,8 +61,16 @@ class TorchRunner(Runner):
             self.fn = self.module
         else:
             self.module = load_program(Path(path))
-            self.fn = torch.compile(self.module, dynamic=False) if meta.get("compile", True) else self.module
-        self.threads = int(meta.get("threads", 0))
+            if meta.get("compile", True):
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True  # for this process: compiled INT8 needs it at every compile
+                # compile forward itself: the exported module's __call__ hooks re-check the input structure
+                # in Python on every call (about 0.1 ms); the runner checks shapes itself
+                self.fn = torch.compile(self.module.forward, dynamic=False)
+            else:
+                self.fn = self.module
+        self.sample_shapes = {k: tuple(v) for k, v in meta.get("sample_shapes", {}).items()}
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -71,13 +80,27 @@ class TorchRunner(Runner):
         args = []
         for name in self.input_names:
             x = feed[name]
+            want = self.sample_shapes.get(name)
+            if want is not None and tuple(x.shape[1:]) != want:
+                raise DataError(f"input {name!r} has samples of shape {'x'.join(map(str, x.shape[1:]))}; this "
+                                f"artifact takes {'x'.join(map(str, want))}")
             if n < self.max_batch:  # one static shape: pad, run, cut
                 x = np.concatenate([x, np.zeros((self.max_batch - n,) + x.shape[1:], x.dtype)])
-            args.append(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            args.append(t if self.device == "cpu" else t.to(self.device))
+        # freezing is read at every (re)compile: patch it back on if anything turned it off since __init__
+        ctx = contextlib.nullcontext() if inductor_config.freezing else inductor_config.patch(freezing=True)
+        with torch.no_grad(), ctx:
             out = self.fn(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {k: v[:n].float().cpu().numpy() for k, v in zip(self.output_names, outs)}
+        result = {}
+        for k, v in zip(self.output_names, outs):
+            if n < self.max_batch:
+                v = v[:n]
+            if v.dtype != torch.float32 or v.device.type != "cpu":
+                v = v.float().cpu()
+            result[k] = v.numpy()
+        return result
 
     def close(self) -> None:
         self.fn = self.module = None
