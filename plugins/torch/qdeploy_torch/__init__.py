@@ -13,7 +13,6 @@ to run in their dtype.
 """
 from __future__ import annotations
 
-import copy
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +22,8 @@ import pluggy
 
 from qdeploy.backend import Artifact, Backend, Capabilities, Plan
 from qdeploy.errors import BackendError
-from qdeploy.fallback import summarize_precision
 
 hookimpl = pluggy.HookimplMarker("qdeploy")
-DEFAULT_BATCH = 32
 DYNAMIC_OPS = ("Gemm", "MatMul")
 
 

@@ -55,7 +55,7 @@ def build(plan: Plan, workdir: Path) -> Artifact:
     path = plan.state["path"]
     batch = int(plan.target.option("batch", DEFAULT_BATCH))
     meta: dict[str, Any] = {"path": path, "engine": plan.state["engine"], "device": plan.state["device"],
-                            "batch": batch, "input_names": [i.name for i in plan.model.inputs],
+                            "batch": batch, "threads": int(plan.target.option("threads", 0)), "input_names": [i.name for i in plan.model.inputs],
                             "output_names": [o.name for o in plan.model.outputs],
                             "sample_shapes": {i.name: [d or 1 for d in i.shape[1:]] for i in plan.model.inputs}}
     module = plan.model.torch_module

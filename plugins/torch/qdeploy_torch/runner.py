@@ -71,6 +71,8 @@ class TorchRunner(Runner):
             else:
                 self.fn = self.module
         self.sample_shapes = {k: tuple(v) for k, v in meta.get("sample_shapes", {}).items()}
+        if int(meta.get("threads", 0)) > 0:  # the profile entry's ``threads`` option (process-wide in torch)
+            torch.set_num_threads(int(meta["threads"]))
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
