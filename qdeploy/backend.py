@@ -13,9 +13,13 @@ turns it into a fallback event. Heavy frameworks are imported inside the methods
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import time
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,3 +183,20 @@ class OrtRunner(Runner):
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Run a framework call without its console noise: the named loggers (the root logger for ``""``) at
+    ERROR, Python warnings off, stdout captured. Errors still raise; backends report them as events."""
+    objs = [logging.getLogger(n or None) for n in loggers]
+    levels = [lg.level for lg in objs]
+    for lg in objs:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(objs, levels):
+            lg.setLevel(lv)

@@ -10,16 +10,14 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
-import io
-import logging
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .backend import quiet
 from .errors import ModelError
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -249,8 +247,7 @@ def _from_torch(module: Any, source: str, reference_path: Path, shape: tuple[int
     reference_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = reference_path.with_suffix(".export.onnx")
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx", "torch.export"):
-            warnings.simplefilter("ignore")
+        with quiet("torch.onnx", "torch.export"):
             n_out = len(result) if isinstance(result, (tuple, list)) else 1
             names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
             torch.onnx.export(module, (example,), str(tmp), dynamo=True, input_names=["input"], output_names=names,
@@ -266,19 +263,6 @@ def _from_torch(module: Any, source: str, reference_path: Path, shape: tuple[int
     out.sha256 = sha256_file(reference_path)
     out.torch_module = module
     return out
-
-
-@contextlib.contextmanager
-def _quiet(*names: str):
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 def random_inputs(model: ModelHandle, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__
 from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
-from .calibration import ActivationRanges, Dataset, collect_ranges, open_data
+from .calibration import ActivationRanges, collect_ranges, open_data
 from .errors import BackendError, BudgetNotMet, DataError, QDeployError
 from .fallback import (Events, Resolution, Trial, accuracy_loop, clean, failure_event, initial_layer_precisions,
                        resolve, summarize_precision)

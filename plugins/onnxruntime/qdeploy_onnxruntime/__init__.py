@@ -8,8 +8,6 @@ both were measured slower than FP32 on x86.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan
+from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, quiet
 from qdeploy.errors import BackendError
 from qdeploy.fallback import summarize_precision
 
@@ -133,7 +131,7 @@ class OnnxRuntimeBackend(Backend):
             name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
             for name, (lo, hi) in plan.ranges.ranges.items()}), cache)
         act_type = QuantType.QInt8 if target.activation_dtype == "int8" else QuantType.QUInt8
-        with _quiet_root_logger():  # ORT logs a pre-processing hint at WARNING on every call
+        with quiet(""):  # ORT logs a pre-processing hint at WARNING on every call
             quantize_static(
                 str(plan.model.onnx_path), str(out), calibration_data_reader=None, calibration_cache_path=cache,
                 quant_format=QuantFormat.QDQ, activation_type=act_type, weight_type=QuantType.QInt8,
@@ -168,16 +166,6 @@ def _strip_debug_metadata(path: Path) -> None:
         node.doc_string = ""
     onnx.save(proto, str(path))
 
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 @hookimpl

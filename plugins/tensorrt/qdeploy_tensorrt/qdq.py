@@ -29,13 +29,13 @@ R5), so :func:`add_residual_qdq` inserts those pairs afterwards.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from qdeploy.backend import quiet
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -56,7 +56,7 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
         for name, (lo, hi) in ranges.items()}), cache)
-    with _quiet_root_logger():
+    with quiet(""):
         quantize_static(
             str(reference), str(out), calibration_data_reader=None, calibration_cache_path=cache,
             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -242,13 +242,3 @@ def with_float_rounding(proto: Any, nodes: Mapping[str, str]) -> Any:
                                                               name=f"{raw}_Cast"))
     return proto
 
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)

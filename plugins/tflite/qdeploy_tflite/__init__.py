@@ -15,12 +15,8 @@ only ``tflite-runtime`` is installed it is used for what it can run (see :func:`
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import logging
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +24,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from qdeploy.backend import Artifact, Backend, Capabilities, Plan, Runner
+from qdeploy.backend import Artifact, Backend, Capabilities, Plan, Runner, quiet
 from qdeploy.errors import BackendError
 from qdeploy.fallback import summarize_precision
 
@@ -70,28 +66,13 @@ def interpreter_class() -> tuple[Any, str, str]:
 def converter_status() -> str:
     """'' when litert-torch imports, else why not."""
     try:
-        with _quiet():
+        with quiet("torch", "torchao", "litert_torch", "absl", "jax", "ai_edge_quantizer"):
             import litert_torch  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return f"litert-torch is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return ""
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence the converter's progress lines, Python warnings and chatty loggers for one call."""
-    names = ("torch", "torchao", "litert_torch", "absl", "jax", "ai_edge_quantizer")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -186,7 +167,7 @@ class TFLiteBackend(Backend):
             events.append(("GRANULARITY_UNSUPPORTED", "TFLite INT8 weights are symmetric (zero point 0); "
                            "asymmetric weights were built symmetric"))
         try:
-            with _quiet():
+            with quiet("torch", "torchao", "litert_torch", "absl", "jax", "ai_edge_quantizer"):
                 data = convert.convert(plan, kind)
         except BackendError:
             raise
