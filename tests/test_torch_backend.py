@@ -294,11 +294,23 @@ def test_layer_overrides_keep_layers_out_of_int8(digits_data, tmp_path):
     assert "dequantize" in str(convs[1].args[0].target)  # conv2 reads a dequantized INT8 activation
 
 
+def onednn_profile():
+    """x86-avx512-vnni with its torch entry on the onednn engine (no built-in profile names it)."""
+    import dataclasses
+
+    prof = get_registry().profile("x86-avx512-vnni")
+    entry = next(t for t in prof.backends if t.backend == "torch")
+    entry = dataclasses.replace(entry, options=(("engine", "onednn"),))
+    return dataclasses.replace(prof, name="x86-onednn", backends=(entry,))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("profile,label,engine", [("x86-avx2", "torch:fbgemm", "fbgemm"),
+                                                  ("x86-onednn", "torch:onednn", "onednn"),
                                                   ("arm64-neon", "torch:qnnpack", "qnnpack")])
 def test_fx_engines(digits_data, tmp_path, profile, label, engine):
     calib, val = digits_data
+    profile = onednn_profile() if profile == "x86-onednn" else profile
     b = qdeploy.deploy(DIGITS, target=profile, spec=MINMAX, calib=calib, val=val, input_shape="1x1x8x8",
                        backends=[label], output=tmp_path / engine)
     art = b.manifest["artifacts"][0]
@@ -339,3 +351,21 @@ def test_bf16_whole_model(digits_data, tmp_path):
                        backends=["torch"], output=tmp_path / "bf16")
     art = b.manifest["artifacts"][0]
     assert art["precision"] == "bf16" and art["meta"]["path"] == "float" and art["budget"]["passed"]
+
+
+@pytest.mark.slow
+def test_fallback_loop_promotes_layers_in_torch(digits_data, tmp_path):
+    """The spine's fallback acts in the torch build: on the sensitive digits model per-tensor INT8 misses the
+    budget, the loop raises the most sensitive layer(s) up the device's ladder (int8 -> bf16 -> fp32 on an
+    AVX512_BF16 CPU) and every step is an event."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import digits
+
+    calib, val = digits_data
+    spec = dict(MINMAX, budget={"metric": "top1_accuracy", "mode": "relative", "threshold": 0.005})
+    b = qdeploy.deploy(digits.build_sensitive_model(), target="x86-avx512-bf16", spec=spec, calib=calib, val=val,
+                       input_shape="1x1x8x8", backends=["torch"], output=tmp_path / "fallback")
+    art = b.manifest["artifacts"][0]
+    promotions = [e for e in b.manifest["events"] if e.get("action") == "promote"]
+    assert promotions and art["trials"] == len(promotions) + 1
+    assert art["budget"]["passed"] and set(art["layer_precisions"].values()) - {"int8"}
