@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import logging
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +11,7 @@ from typing import Any
 import torch
 
 from qdeploy.backend import Artifact, Plan
+from qdeploy.backend import quiet as backend_quiet
 from qdeploy.errors import BackendError
 from qdeploy.fallback import summarize_precision
 
@@ -22,20 +20,9 @@ from . import quantize as q
 DEFAULT_BATCH = 32
 
 
-@contextlib.contextmanager
 def quiet():
     """torch.ao / torchao warn of deprecations and log hints on every call; keep the user's console clean."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torchao", "torch.export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+    return backend_quiet("torch", "torchao", "torch.export", "torch._dynamo")
 
 
 def example_inputs(plan: Plan, batch: int) -> tuple[torch.Tensor, ...]:
