@@ -87,6 +87,10 @@ class TorchBackend(Backend):
             convs = [n for n, l in model.layers.items() if l.op_type in ("Conv", "ConvTranspose")]
             if convs:
                 notes.append(f"dynamic INT8 quantizes Linear/LSTM only: the {len(convs)} convolution(s) stay FP32")
+        quantized = spec.precision == "int8" or any(o.precision == "int8" for o in spec.overrides)
+        if quantized and not spec.weights.symmetric and device == "cpu":
+            notes.append("asymmetric weights: the torch INT8 kernels take weight zero point 0, so the build will "
+                         "report GRANULARITY_UNSUPPORTED and the chain moves on; use symmetric weights")
         if spec.weights.bits < 8 and spec.activations.mode == "static":
             notes.append(f"{spec.weights.bits}-bit weights run on the INT8 kernels (int8 storage, "
                          f"{2 ** spec.weights.bits} levels): same speed and size as INT8")
