@@ -34,6 +34,8 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_onnxruntime.py
 	$(BIN)/python benchmarks/bench_tflite.py
+	$(BIN)/python benchmarks/bench_torch.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf build

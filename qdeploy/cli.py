@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -276,7 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_frameworks() -> None:
+    """The console is for qdeploy's own lines: frameworks' import-time notices and C++ INFO logs are dropped
+    (``QDEPLOY_DEBUG=1`` keeps them)."""
+    if os.environ.get("QDEPLOY_DEBUG"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # LiteRT / TensorFlow C++ INFO and WARNING lines
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for name in ("torchao", "torch.utils._pytree", "torch._inductor", "torch.onnx", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(torch|torchao|litert_torch|ai_edge_\w+)(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_frameworks()
     try:
         parser = build_parser()
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
