@@ -1,6 +1,6 @@
 """Serving overhead: qdeploy serve vs a minimal FastAPI app around onnxruntime vs the artifact in-process.
 
-    .venv/bin/python benchmarks/bench_serve.py [--bundle build/demo] [--concurrency 8] [--requests 2000]
+    .venv/bin/python benchmarks/bench_serve.py [--bundle BUNDLE] [--concurrency 8] [--requests 2000]
 
 Both HTTP servers run in their own process (uvicorn, one worker, same settings), serve the same artifact (the
 bundle's first) and speak the same v2 JSON request; the load comes from a Python client process on loopback
@@ -220,9 +220,23 @@ def median_run(runs: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- main
+def make_bundle(out: Path) -> None:
+    """The digits example deployed with the onnxruntime backend only (what the minimal app serves too)."""
+    import qdeploy
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import digits
+
+    data = digits.prepare(out.parent / "serve-data")
+    qdeploy.deploy(f"{ROOT / 'examples' / 'digits.py'}:build_model", target="x86-avx512-vnni",
+                   spec=ROOT / "examples" / "digits_spec.toml", calib=data / "calib.npz", val=data / "val.npz",
+                   output=out, input_shape="1x1x8x8", backends=["onnxruntime"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", default=str(ROOT / "build" / "demo"))
+    ap.add_argument("--bundle", default=str(ROOT / "build" / "bench" / "serve-bundle"),
+                    help="a bundle whose first artifact is an onnxruntime one (default: made from the digits example)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--rounds", type=int, default=5)
@@ -235,13 +249,18 @@ def main() -> int:
         run_server(args.server, bundle, args.port)
         return 0
     if not (bundle / "manifest.json").is_file():
-        sys.exit(f"{bundle} is not a bundle; make one first (make demo, or qdeploy deploy ... -o {bundle})")
+        if args.bundle != ap.get_default("bundle"):
+            sys.exit(f"{bundle} is not a bundle; make one first (qdeploy deploy ... -o {bundle})")
+        make_bundle(bundle)
 
     from qdeploy.bundle import Bundle
     from qdeploy.serve import FallbackModel
     from qdeploy.serve.http import VERSION  # noqa: F401  (the HTTP layer imports cleanly)
 
     b = Bundle.load(bundle)
+    if b.artifacts[0]["backend"] != "onnxruntime":
+        sys.exit(f"{bundle}: the first artifact is {b.artifacts[0]['id']}; the minimal app to compare with runs "
+                 f"onnxruntime, so give a bundle deployed with --backend onnxruntime")
     name = bundle.resolve().name
     inp = b.manifest["model"]["inputs"][0]["name"]
     x = b.samples()[f"input:{inp}"][:1]
