@@ -83,6 +83,10 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
             layers: dict[str, str] = {}
             if res.runnable:
                 layers, _ = initial_layer_precisions(res, handle.layers)
+                if res.caps.verified_on == "simulated":  # the deploy records the same when the artifact is built
+                    res.note("BACKEND_UNAVAILABLE", f"the {res.target.backend} runtime is not available here"
+                             f"{f' ({res.caps.reason})' if res.caps.reason else ''}: its artifact is built for the "
+                             f"target and verified only by simulation")
             entries.append({
                 "target": res.target.label, "runnable": res.runnable,
                 "precision": res.spec.precision if res.spec else None, "ladder": list(res.ladder),

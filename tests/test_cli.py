@@ -57,6 +57,9 @@ def test_check_nvidia_t4_on_a_cpu_host_says_what_falls_back(capsys, digits_onnx)
     assert not entries["onnxruntime:cuda"]["runnable"]
     assert entries["onnxruntime:cuda"]["events"][0]["code"] == "BACKEND_UNAVAILABLE"
     assert entries["onnxruntime:cpu"]["runnable"]
+    for label, entry in entries.items():  # every GPU backend of the chain says it cannot run its runtime here
+        if label != "onnxruntime:cpu":
+            assert "BACKEND_UNAVAILABLE" in [e["code"] for e in entry["events"]], label
 
 
 def test_deploy_nvidia_t4_falls_back_to_what_runs_here(capsys, tmp_path, digits_onnx, digits_data):
