@@ -43,7 +43,9 @@ class Capabilities:
     ``precisions`` and ``granularities`` are what the backend can build at all; the profile entry narrows
     them to what the device runs. ``model_formats`` lists ``"onnx"`` and/or ``"torch"``. ``verified_on`` says
     how artifacts are verified here: ``runtime`` (the real runtime on this CPU), ``gpu`` or ``simulated``.
-    ``activation_modes`` lists ``static``/``dynamic``/``none`` support; ``weight_bits`` the weight widths.
+    ``activation_modes`` lists ``static``/``dynamic``/``none`` support; ``weight_bits`` the weight widths;
+    ``weight_symmetric_only`` makes the core translate asymmetric weights to symmetric (with an event) or refuse
+    them under ``strict``, whatever the device allows.
     """
 
     available: bool
@@ -54,6 +56,7 @@ class Capabilities:
     activation_modes: tuple[str, ...] = ("static",)
     weight_bits: tuple[int, ...] = (8,)
     verified_on: str = "runtime"
+    weight_symmetric_only: bool = False
 
 
 @dataclass

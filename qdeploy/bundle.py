@@ -102,7 +102,15 @@ class Bundle:
         return bundle
 
     def check_integrity(self) -> None:
-        for rel, digest in self.manifest.get("files", {}).items():
+        files = self.manifest.get("files")
+        if not isinstance(files, dict) or not files or not isinstance(self.manifest.get("artifacts"), list):
+            raise BundleError(f"bundle {self.path}: the manifest has no integrity map or no artifacts; refusing it: "
+                              f"deploy again")
+        root = self.path.resolve()
+        for rel in list(files) + [a.get("path", "") for a in self.manifest["artifacts"]]:
+            if not (self.path / rel).resolve().is_relative_to(root):
+                raise BundleError(f"bundle {self.path}: path {rel!r} points outside the bundle; refusing it")
+        for rel, digest in files.items():
             f = self.path / rel
             if not f.is_file():
                 raise BundleError(f"bundle {self.path}: {rel} is missing; the bundle is incomplete: deploy again")

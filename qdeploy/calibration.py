@@ -10,6 +10,7 @@ bounded by one batch of activations plus a fixed-size histogram per tensor.
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,12 +57,14 @@ class Dataset:
                 n = min(n, self.limit - seen)
                 x = {k: v[:n] for k, v in x.items()}
                 y = None if y is None else y[:n]
-            for start in range(0, n, size):
-                bx = {k: v[start:start + size] for k, v in x.items()}
-                by = None if y is None else y[start:start + size]
-                buf_x.append(bx)
-                buf_y.append(by)
-                if sum(len(next(iter(b.values()))) for b in buf_x) >= size:
+            start = 0
+            while start < n:  # fill the buffer up to exactly `size` samples, then yield it
+                have = sum(len(next(iter(b.values()))) for b in buf_x)
+                take = min(size - have, n - start)
+                buf_x.append({k: v[start:start + take] for k, v in x.items()})
+                buf_y.append(None if y is None else y[start:start + take])
+                start += take
+                if have + take == size:
                     yield _merge(buf_x, buf_y)
                     buf_x, buf_y = [], []
             seen += n
@@ -113,8 +116,9 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
               limit: int | None = None) -> Dataset | None:
     """A :class:`Dataset` from a path (folder of .npy/.npz, one .npz or .npy), arrays, or an iterable.
 
-    For calibration (``cal`` given) at most ``cal.samples`` samples are drawn with ``cal.seed``, the same
-    number per class when labels exist and ``cal.balanced`` is set.
+    For calibration (``cal`` given) from arrays or one file, ``cal.samples`` samples are drawn with
+    ``cal.seed``, the same number per class when labels exist and ``cal.balanced`` is set. Folders and iterables
+    are streamed: their first ``cal.samples`` samples are used, files in natural order (``s2`` before ``s10``).
     """
     if source is None:
         return None
@@ -125,7 +129,8 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
         if not path.exists():
             raise DataError(f"{role} data {path} does not exist")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.stem not in ("y", "labels"))
+            files = sorted((p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.stem not in ("y", "labels")),
+                           key=_natural_key)
             if not files:
                 raise DataError(f"{role} folder {path} holds no .npy or .npz files")
             label_file = next((path / f for f in ("y.npy", "labels.npy") if (path / f).is_file()), None)
@@ -149,6 +154,8 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
     n = len(next(iter(x.values())))
     if n == 0:
         raise DataError(f"{name}: no samples (the arrays are empty)")
+    if y is not None:
+        y = _labels(y, n, name)
     if cal is not None:
         idx = select(n, cal, y)
         x = {k: v[idx] for k, v in x.items()}
@@ -172,6 +179,21 @@ def select(n: int, cal: CalibrationSpec, labels: np.ndarray | None) -> np.ndarra
                 picked.append(int(idx[r]))
         r += 1
     return np.sort(np.array(picked))
+
+
+def _labels(y: Any, n: int, name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or y.dtype.kind not in "iub":
+        raise DataError(f"{name}: labels under {LABEL_KEY!r} must be integer class indices, one per sample (shape "
+                        f"({n},)); got {y.dtype} of shape {y.shape}")
+    if len(y) != n:
+        raise DataError(f"{name}: {len(y)} labels for {n} samples; give one label per sample")
+    return y
+
+
+def _natural_key(path: Path) -> list:
+    """``s2`` before ``s10``: labels in ``y.npy`` follow the files in this order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
 def _name_arrays(arrays: dict[str, Any], model: ModelHandle, name: str) -> Batch:

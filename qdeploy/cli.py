@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from . import __version__
 from .errors import QDeployError
@@ -182,8 +181,10 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 def cmd_spec(args: argparse.Namespace) -> int:
     from .spec import QuantSpec, dumps_spec, load_spec, save_spec
 
-    if args.file and Path(args.file).exists() and not args.output:
-        spec = load_spec(args.file)
+    if args.file:
+        if args.output:
+            raise QDeployError("give either a spec FILE to validate or -o OUT to write the default spec, not both")
+        spec = load_spec(args.file)  # a missing or invalid file is one clear error
         print(f"{args.file}: valid (spec version {spec.version})")
         return 0
     if args.output:

@@ -53,6 +53,12 @@ class BudgetNotMet(QDeployError):
     exit_code = 1
 
 
+class StrictPolicyError(QDeployError):
+    """A backend failed to build, load or run and the policy is ``strict``: no fallback to the next backend."""
+
+    exit_code = 1
+
+
 def suggest(value: str, allowed: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` when ``value`` is close to one of ``allowed``, else an empty string."""
     match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)

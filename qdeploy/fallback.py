@@ -5,7 +5,6 @@ code; ``strict`` refuses instead of falling back.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -33,8 +32,8 @@ class Events:
         self.echo, self.observe = echo, observe
 
     def emit(self, code: str, target: str, message: str, **details: Any) -> dict[str, Any]:
-        if code not in REASON_CODES:
-            raise ValueError(f"unknown reason code {code}")
+        if code not in REASON_CODES:  # a plugin's unknown code must not take the run down
+            message, code = f"{message} (reported as {code!r}, not a qdeploy reason code)", "BUILD_FAILED"
         event = {"code": code, "target": target, "message": message, **details}
         self.items.append(event)
         if self.echo:
@@ -139,7 +138,7 @@ def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: 
             if _refuse_if_strict(res, spec):
                 return res
             w = dataclasses.replace(w, granularity=new)
-        if target.weight_symmetric_only and not w.symmetric:
+        if (target.weight_symmetric_only or caps.weight_symmetric_only) and not w.symmetric:
             res.note("GRANULARITY_UNSUPPORTED", "asymmetric weights are not supported here (symmetric INT8 "
                      "only); using symmetric weights", requested="asymmetric", resolved="symmetric")
             if _refuse_if_strict(res, spec):
@@ -174,6 +173,8 @@ def initial_layer_precisions(res: Resolution, layers: dict[str, Any]) -> tuple[d
             new = higher[0] if higher else runnable[-1]
             res.note("PRECISION_UNSUPPORTED", f"layer {name}: {p} does not run on this device; kept in {new}",
                      layer=name, requested=p, resolved=new)
+            if _refuse_if_strict(res, spec):
+                return {}, set()
             p = new
         out[name] = p
     return out, pinned
@@ -218,7 +219,15 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
     ranking: list[str] | None = None
     current = dict(layer_precisions)
     while True:
-        trial = build_and_verify(current, len(trials))
+        try:
+            trial = build_and_verify(current, len(trials))
+        except BackendError as exc:
+            if not trials:
+                raise
+            # a promotion the backend cannot build: keep what was already built and verified
+            events.emit(exc.code, label, f"{exc} (while building trial {len(trials)}); keeping the best artifact "
+                        f"built so far")
+            break
         trials.append(trial)
         b = trial.budget
         if b.passed:
@@ -266,6 +275,3 @@ def failure_event(exc: BaseException, stage: str) -> tuple[str, str]:
     loc = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
     return code, f"{type(exc).__name__}: {msg}{loc}"
 
-
-def clean(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

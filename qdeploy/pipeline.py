@@ -14,8 +14,8 @@ from . import __version__
 from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
 from .calibration import ActivationRanges, collect_ranges, open_data
-from .errors import BackendError, BudgetNotMet, DataError, QDeployError
-from .fallback import (Events, Resolution, Trial, accuracy_loop, clean, failure_event, initial_layer_precisions,
+from .errors import BackendError, BudgetNotMet, DataError, QDeployError, StrictPolicyError
+from .fallback import (Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions,
                        resolve, summarize_precision)
 from .model import ModelHandle, load_model, random_inputs
 from .plugins import Registry, get_registry
@@ -190,8 +190,10 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                 stage = "load"
                 runner = backend.runner(art.path, art.meta)
                 stage = "run"
-                outs = run_all(runner, val_x)
-                runner.close()
+                try:
+                    outs = run_all(runner, val_x)
+                finally:
+                    runner.close()
             except QDeployError:
                 raise
             except Exception as exc:
@@ -218,6 +220,9 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, rank, events)
         except BackendError as exc:
             events.emit(exc.code, label, str(exc))
+            if rspec.fallback.policy == "strict":
+                raise StrictPolicyError(f"{label}: [{exc.code}] {exc}; policy is strict: no fallback to the next "
+                                        f"backend") from None
             continue
         for code, message in best.artifact.events:
             events.emit(code, label, message)
@@ -268,11 +273,11 @@ def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str,
     dest = staging / "artifacts" / (ident + (art.path.suffix if art.path.is_file() else ""))
     dest.parent.mkdir(exist_ok=True)
     shutil.move(str(art.path), dest)
-    clean(art.path)
     runner = backend.runner(dest, art.meta)
-    # a simulated runner's speed says nothing about the target runtime: publish no latency for it
-    lat = None if runner.simulated else latency_ms(runner, val_x)
-    runner.close()
+    try:  # a simulated runner's speed says nothing about the target runtime: publish no latency for it
+        lat = None if runner.simulated else latency_ms(runner, val_x)
+    finally:
+        runner.close()
     return {"id": ident, "backend": res.target.backend, "target": res.target.label, "precision": precision,
             "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest), "size_bytes": path_size(dest),
             "latency_ms": lat, "latency_vs_fp32": ref_lat / lat if lat else None,

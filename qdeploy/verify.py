@@ -38,7 +38,9 @@ def output_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None =
     r2 = ref.reshape(len(ref), -1) if ref.ndim else ref.reshape(1, -1)
     o2 = out.reshape(len(out), -1) if out.ndim else out.reshape(1, -1)
     denom = np.linalg.norm(r2, axis=1) * np.linalg.norm(o2, axis=1)
-    cos = np.where(denom > 0, np.sum(r2 * o2, axis=1) / np.maximum(denom, 1e-300), 1.0)
+    nr, no = np.linalg.norm(r2, axis=1), np.linalg.norm(o2, axis=1)
+    # two all-zero samples agree perfectly; one zero and one non-zero sample share no direction at all
+    cos = np.where(denom > 0, np.sum(r2 * o2, axis=1) / np.maximum(denom, 1e-300), np.where((nr == 0) & (no == 0), 1.0, 0.0))
     noise = float(np.sum((ref - out) ** 2))
     sqnr = SQNR_CAP_DB if noise == 0 else min(SQNR_CAP_DB, 10 * math.log10(max(float(np.sum(ref ** 2)), 1e-300) / noise))
     m = {"max_abs": float(diff.max()) if diff.size else 0.0, "mean_abs": float(diff.mean()) if diff.size else 0.0,

@@ -136,7 +136,7 @@ def test_batches_are_bounded(mlp_handle):
     (lambda d: np.savez(d / "s.npz", x=np.zeros((5, 15), np.float32)) or d / "s.npz", "has samples of shape 15"),
     (lambda d: np.savez(d / "n.npz", x=np.full((5, 16), np.nan, np.float32)) or d / "n.npz", "NaN or Inf"),
     (lambda d: np.savez(d / "t.npz", a=np.zeros((5, 16)), b=np.zeros((5, 16))) or d / "t.npz", "give one array"),
-    (lambda d: np.savez(d / "y.npz", x=np.zeros((5, 16)), y=np.zeros(4)) or d / "y.npz", "4 labels for 5 samples"),
+    (lambda d: np.savez(d / "y.npz", x=np.zeros((5, 16)), y=np.zeros(4, np.int64)) or d / "y.npz", "4 labels for 5 samples"),
 ])
 def test_bad_data_gets_one_clear_error(mlp_handle, tmp_path, make, message):
     d = tmp_path / "data"
@@ -150,3 +150,36 @@ def test_collect_ranges_covers_every_activation(mlp_handle, mlp_data):
     ranges = collect_ranges(mlp_handle, ds, ActivationSpec(method="percentile"))
     assert set(ranges.ranges) == {"x", "h0", "h1", "h2", "y"} and ranges.samples == 100
     assert ranges.get("h2")[0] >= 0.0  # after Relu
+
+
+def test_batches_never_exceed_the_batch_size_across_chunks(mlp_handle):
+    chunks = [np.zeros((20, 16), np.float32) for _ in range(3)]
+    ds = open_data(iter(chunks), mlp_handle, "calibration", CalibrationSpec(samples=60, batch_size=32))
+    assert [len(b[0]["x"]) for b in ds.batches()] == [32, 28]
+
+
+def test_folder_labels_follow_natural_file_order(mlp_handle, tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(12):  # s0 .. s11: text order would put s10 and s11 before s2
+        np.save(folder / f"s{i}.npy", np.full((1, 16), i, np.float32))
+    np.save(folder / "y.npy", np.arange(12))
+    x, y = open_data(folder, mlp_handle, "validation").arrays()
+    assert np.array_equal(x["x"][:, 0], y.astype(np.float32))
+
+
+@pytest.mark.parametrize("labels, message", [(np.zeros(100, np.int64), "100 labels for 1000 samples"),
+                                             (np.eye(10)[np.zeros(1000, int)], "integer class indices")])
+def test_bad_labels_are_refused_before_sampling(mlp_handle, tmp_path, labels, message):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((1000, 16), np.float32), y=labels)
+    with pytest.raises(DataError, match=message):
+        open_data(path, mlp_handle, "calibration", CalibrationSpec(samples=300))
+
+
+def test_cosine_of_a_zero_reference_and_a_nonzero_output_is_zero():
+    from qdeploy.verify import output_metrics
+
+    ref = np.zeros((2, 4), np.float32)
+    assert output_metrics(ref, ref)["cosine"] == 1.0
+    assert output_metrics(ref, np.ones((2, 4), np.float32))["cosine"] == 0.0

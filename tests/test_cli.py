@@ -165,3 +165,22 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([str(BIN), "deploy", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"qdeploy: error: model file {tmp_path / 'missing.onnx'} does not exist"
+
+
+def test_spec_command_refuses_a_missing_file(capsys, tmp_path):
+    code, _, err = run(capsys, "spec", tmp_path / "missing.toml")
+    assert code == 2 and "does not exist" in err
+
+
+def test_a_manifest_without_its_integrity_map_is_refused(capsys, tmp_path, digits_bundle):
+    bad = tmp_path / "bad"
+    shutil.copytree(digits_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["files"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "verify", bad)
+    assert code == 2 and "no integrity map" in err
+    manifest["files"] = {"../outside.txt": "0" * 64}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "verify", bad)
+    assert code == 2 and "outside the bundle" in err

@@ -10,7 +10,7 @@ from qdeploy.errors import BudgetNotMet
 from qdeploy.fallback import REASON_CODES, climb, resolve
 from qdeploy.plugins import get_registry
 from qdeploy.profiles import BackendTarget
-from qdeploy.spec import ActivationSpec, FallbackSpec, PerGroup, QuantSpec, WeightSpec
+from qdeploy.spec import ActivationSpec, FallbackSpec, LayerOverride, PerGroup, QuantSpec, WeightSpec
 
 from conftest import ROOT
 
@@ -119,3 +119,80 @@ def test_reason_codes_are_the_documented_set():
     design = (ROOT / "README.md").read_text()
     for code in REASON_CODES:
         assert code in design, f"{code} is not documented in README.md"
+
+
+# --- failures during the loop, and strict about them ------------------------------------------------------------
+def _ort_failing_when(predicate):
+    """The real onnxruntime backend under another name, made to fail a build when ``predicate(layers)``."""
+    from qdeploy.errors import BackendError
+    from qdeploy_onnxruntime import OnnxRuntimeBackend
+
+    class Flaky(OnnxRuntimeBackend):
+        name = "flaky"
+
+        def build(self, plan, workdir):
+            if predicate(plan.layer_precisions):
+                raise BackendError("this build cannot keep a layer in fp32", "BUILD_FAILED")
+            return super().build(plan, workdir)
+
+    return Flaky()
+
+
+def _profile_with(backend_name):
+    from qdeploy.profiles import Profile
+    return Profile("test-cpu", "test", "cpu", (BackendTarget(backend_name, ("int8", "fp32")),
+                                                BackendTarget("onnxruntime", ("int8", "fp32"))))
+
+
+def _registry_with(backend):
+    from qdeploy import plugins
+    from qdeploy.plugins import Registry, hookimpl, make_plugin_manager
+
+    class P:
+        @hookimpl
+        def qdeploy_register_backends(self, register):
+            register(backend)
+
+    pm = make_plugin_manager()
+    pm.register(P())
+    plugins.reset_registry(Registry.from_plugin_manager(pm))
+
+
+def test_a_promotion_that_fails_to_build_keeps_the_verified_artifact(fresh_registry, tmp_path, digits_data):
+    _registry_with(_ort_failing_when(lambda lp: "fp32" in lp.values()))
+    b = qdeploy.deploy(SENSITIVE, target=_profile_with("flaky"), spec=TIGHT, calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8",
+                       backends=["flaky"])
+    art = b.artifacts[0]
+    assert art["backend"] == "flaky" and art["trials"] == 1 and not art["budget"]["passed"]
+    failed = [e for e in b.manifest["events"] if e["code"] == "BUILD_FAILED"]
+    assert failed and "keeping the best artifact built so far" in failed[0]["message"]
+
+
+def test_strict_fails_instead_of_moving_to_the_next_backend(fresh_registry, tmp_path, digits_data):
+    from qdeploy.errors import StrictPolicyError
+
+    _registry_with(_ort_failing_when(lambda lp: True))
+    with pytest.raises(StrictPolicyError, match="policy is strict") as err:
+        qdeploy.deploy(SENSITIVE, target=_profile_with("flaky"), calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8", policy="strict")
+    assert err.value.exit_code == 1 and not (tmp_path / "b").exists()
+    b = qdeploy.deploy(SENSITIVE, target=_profile_with("flaky"), calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8")
+    assert [a["backend"] for a in b.artifacts] == ["onnxruntime"]  # auto: the chain moves on, with the event
+    assert any(e["code"] == "BUILD_FAILED" and e["target"] == "flaky" for e in b.manifest["events"])
+
+
+def test_strict_refuses_a_layer_override_the_device_cannot_run():
+    spec = QuantSpec(overrides=(LayerOverride(precision="bf16", match="fc1"),), fallback=FallbackSpec(policy="strict"))
+    res = resolve(_ort_target(), get_registry().backends, ("onnx",), spec)
+    from qdeploy.fallback import initial_layer_precisions
+    from qdeploy.model import LayerInfo
+    initial_layer_precisions(res, {"fc1": LayerInfo("fc1", "Gemm", "n", "w", "x", "y")})
+    assert not res.runnable and "refused" in res.events[-1][1]
+
+
+def test_an_unknown_reason_code_from_a_plugin_is_recorded_not_fatal():
+    from qdeploy.fallback import Events
+    ev = Events().emit("WEIRD", "x", "boom")
+    assert ev["code"] == "BUILD_FAILED" and "WEIRD" in ev["message"]

@@ -114,13 +114,19 @@ def test_per_tensor_weights_are_equal_per_channel_scales():
     assert not zp.any()
 
 
-def test_asymmetric_weights_refused_with_reason(digits_data):
+def test_asymmetric_weights_are_made_symmetric_with_reason_or_refused_under_strict(digits_data):
     calib, val = digits_data
     spec = dict(MINMAX, weights={"bits": 8, "symmetric": False, "granularity": "per_channel"})
     b = qdeploy.deploy(DIGITS, target="x86-avx512-vnni", spec=spec, calib=calib, val=val, input_shape="1x1x8x8",
-                       backends=["torch", "onnxruntime"], output=Path(calib).parent / "asym")
+                       backends=["torch"], output=Path(calib).parent / "asym")
     ev = [e for e in b.manifest["events"] if e["target"] == "torch:x86"]
-    assert ev and ev[0]["code"] == "GRANULARITY_UNSUPPORTED" and "zero point 0" in ev[0]["message"]
+    assert ev and ev[0]["code"] == "GRANULARITY_UNSUPPORTED" and ev[0]["resolved"] == "symmetric"
+    art = b.manifest["artifacts"][0]
+    assert art["backend"] == "torch" and art["spec"]["weights"]["symmetric"] is True
+    strict = dict(spec, fallback={"policy": "strict"})
+    b = qdeploy.deploy(DIGITS, target="x86-avx512-vnni", spec=strict, calib=calib, val=val, input_shape="1x1x8x8",
+                       backends=["torch", "onnxruntime"], output=Path(calib).parent / "asym-strict")
+    assert "refused" in [e for e in b.manifest["events"] if e["target"] == "torch:x86"][0]["message"]
     assert [a["backend"] for a in b.manifest["artifacts"]] == ["onnxruntime"]
 
 

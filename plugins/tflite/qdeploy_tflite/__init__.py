@@ -94,10 +94,11 @@ class TFLiteBackend(Backend):
             return Capabilities(False, f"{why}; install litert-torch (plugins/tflite) to convert PyTorch models")
         if runtime == "tflite-runtime":  # old runtime: no current dynamic-range models, no FP16 weights
             return Capabilities(True, precisions=("int8", "fp32"), granularities=("per_tensor", "per_channel"),
-                                model_formats=("torch",), activation_modes=("static",), weight_bits=(8,))
+                                model_formats=("torch",), activation_modes=("static",), weight_bits=(8,),
+                                weight_symmetric_only=True)
         return Capabilities(True, precisions=("int8", "fp16", "fp32"), granularities=("per_tensor", "per_channel"),
                             model_formats=("torch",), activation_modes=("static", "dynamic", "none"),
-                            weight_bits=(8,), verified_on="runtime")
+                            weight_bits=(8,), verified_on="runtime", weight_symmetric_only=True)
 
     def advise(self, model: Any, spec: Any, target: Any) -> list[str]:
         notes = []

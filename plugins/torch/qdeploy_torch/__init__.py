@@ -64,7 +64,7 @@ class TorchBackend(Backend):
         return Capabilities(True, precisions=("int8", "fp16", "bf16", "fp32"),
                             granularities=("per_tensor", "per_channel"), model_formats=("torch",),
                             activation_modes=("static", "dynamic"), weight_bits=(2, 3, 4, 5, 6, 7, 8),
-                            verified_on="runtime")
+                            verified_on="runtime", weight_symmetric_only=True)
 
     def advise(self, model: Any, spec: Any, target: Any) -> list[str]:
         from qdeploy.profiles import cpu_flags
@@ -89,8 +89,8 @@ class TorchBackend(Backend):
                 notes.append(f"dynamic INT8 quantizes Linear/LSTM only: the {len(convs)} convolution(s) stay FP32")
         quantized = spec.precision == "int8" or any(o.precision == "int8" for o in spec.overrides)
         if quantized and not spec.weights.symmetric and device == "cpu":
-            notes.append("asymmetric weights: the torch INT8 kernels take weight zero point 0, so the build will "
-                         "report GRANULARITY_UNSUPPORTED and the chain moves on; use symmetric weights")
+            notes.append("asymmetric weights: the torch INT8 kernels take weight zero point 0, so the weights are "
+                         "quantized symmetric (GRANULARITY_UNSUPPORTED; refused under strict)")
         if spec.weights.bits < 8 and spec.activations.mode == "static":
             notes.append(f"{spec.weights.bits}-bit weights run on the INT8 kernels (int8 storage, "
                          f"{2 ** spec.weights.bits} levels): same speed and size as INT8")
