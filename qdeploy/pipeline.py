@@ -22,7 +22,7 @@ from .plugins import Registry, get_registry
 from .profiles import Profile, detect_profile_name, load_profile_file
 from .report import markdown_report
 from .simulate import layer_sensitivity
-from .spec import POLICIES, QuantSpec, load_spec
+from .spec import HIGHER_IS_BETTER, POLICIES, QuantSpec, load_spec
 from .verify import budget_output, check_budget, latency_ms, output_metrics, run_all
 
 Echo = Callable[[str], None]
@@ -146,8 +146,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     ref_lat = latency_ms(ref_runner, val_x)
     ref_runner.close()
     extra = registry.metrics
-    if spec.budget.metric not in ("cosine", "sqnr_db", "max_abs", "mean_abs", "top1_agreement", "top1_accuracy") \
-            and spec.budget.metric not in extra:
+    if spec.budget.metric not in HIGHER_IS_BETTER and spec.budget.metric not in extra:
         raise DataError(f"budget.metric {spec.budget.metric!r} is neither built in nor registered by a plugin; "
                         f"registered: {', '.join(sorted(extra)) or 'none'}")
     ref_metrics = {o: output_metrics(ref_out[o], ref_out[o], val_y, extra) for o in out_names}
@@ -259,10 +258,31 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         "validation": {"samples": len(next(iter(val_x.values()))), "source": val_source},
         "reference": {"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": ref_size,
                       "latency_ms": ref_lat, "metrics": ref_metrics[out_name]},
+        "latency_measured_on": _latency_host(val_x),
         "budget_output": out_name, "artifacts": built, "events": events.items, "samples": SAMPLES,
     }
     (staging / "report.md").write_text(markdown_report(manifest))
     return write_manifest(staging, manifest)
+
+
+def _latency_host(val_x: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Where the manifest's latencies come from: this host, one batch, each artifact's own runtime."""
+    import os
+    import platform
+
+    from .profiles import cpu_flags, gpu_compute_capability
+
+    model_name = ""
+    try:
+        model_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError:
+        pass
+    gpu = gpu_compute_capability()
+    return {"host": platform.node(), "machine": platform.machine(), "cpu": model_name, "cpus": os.cpu_count(),
+            "avx512_vnni": "avx512_vnni" in cpu_flags(), "gpu": gpu[0] if gpu else None,
+            "batch": min(32, len(next(iter(val_x.values())))),
+            "note": "median of one batch in each artifact's own runtime on this host (GPU runtimes on the GPU); "
+                    "vs-FP32 ratios compare with the FP32 reference in onnxruntime on this host's CPU"}
 
 
 def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str, float], staging: Path,

@@ -67,7 +67,9 @@ def markdown_report(manifest: dict[str, Any]) -> str:
              f"layers", f"- validation: {manifest['validation']['samples']} samples from "
              f"{manifest['validation']['source']}", f"- calibration: {manifest['calibration']['samples']} samples, "
              f"{manifest['calibration']['method']}", "",
-             "Latency: median of one batch on this host's CPU with the artifact's runtime. `verified` says where the "
+             f"Latency: median of one batch of {manifest.get('latency_measured_on', {}).get('batch', 32)} on "
+             f"`{manifest.get('latency_measured_on', {}).get('cpu') or 'this host'}` in each artifact's own runtime "
+             "(the FP32 reference in onnxruntime on the CPU). `verified` says where the "
              "accuracy numbers come from: `runtime` (the real runtime here), `gpu`, or `simulated` (an equivalent "
              "graph run in onnxruntime, not the target runtime).", "", markdown_table(headers, rows), "",
              "## Events", ""]

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pluggy
 
 from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, quiet
@@ -121,15 +120,11 @@ class OnnxRuntimeBackend(Backend):
 
     def _static(self, plan: Plan, out: Path, float_nodes: list[str], workdir: Path) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
         if plan.ranges is None:
             raise BackendError("static INT8 needs calibrated ranges; pass calibration data", "BUILD_FAILED")
         spec, target = plan.spec, plan.target
-        cache = workdir / "calibration.json"  # qdeploy's observers' ranges, in ORT's own cache format
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
-            name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
-            for name, (lo, hi) in plan.ranges.ranges.items()}), cache)
+        cache = plan.ranges.save_ort_cache(workdir / "calibration.json")  # qdeploy's ranges, ORT's cache format
         act_type = QuantType.QInt8 if target.activation_dtype == "int8" else QuantType.QUInt8
         with quiet(""):  # ORT logs a pre-processing hint at WARNING on every call
             quantize_static(

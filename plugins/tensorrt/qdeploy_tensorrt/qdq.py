@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from qdeploy.backend import quiet
+from qdeploy.calibration import ActivationRanges
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -47,15 +48,12 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
     every other node in float. Returns a summary (counts of Q/DQ pairs, residual pairs added)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     int8_nodes = list(int8_nodes)
     proto = onnx.load(str(reference))
     weighted = [n.name for n in proto.graph.node if n.op_type in WEIGHTED_OPS]
     cache = workdir / "calibration_cache.json"
-    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
-        name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
-        for name, (lo, hi) in ranges.items()}), cache)
+    ActivationRanges("calibrated", dict(ranges)).save_ort_cache(cache)  # ORT's own cache format
     with quiet(""):
         quantize_static(
             str(reference), str(out), calibration_data_reader=None, calibration_cache_path=cache,
