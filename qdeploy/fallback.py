@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,18 @@ REASON_CODES = ("BACKEND_UNAVAILABLE", "MODEL_FORMAT_UNSUPPORTED", "OP_UNSUPPORT
                 "DRIFT_DETECTED")
 
 
-class Events:
-    """The run's event log: each event is stored, echoed to the console and passed to ``qdeploy_on_event``."""
+class FallbackWarning(UserWarning):
+    """Issued for every fallback event under the ``warn`` policy (Python API users see them without a console)."""
 
-    def __init__(self, echo: Callable[[str], None] | None = None, observe: Callable[[dict], None] | None = None):
+
+class Events:
+    """The run's event log: each event is stored, echoed to the console and passed to ``qdeploy_on_event``;
+    under the ``warn`` policy each is also issued as a :class:`FallbackWarning`."""
+
+    def __init__(self, echo: Callable[[str], None] | None = None, observe: Callable[[dict], None] | None = None,
+                 warn: bool = False):
         self.items: list[dict[str, Any]] = []
-        self.echo, self.observe = echo, observe
+        self.echo, self.observe, self.warn = echo, observe, warn
 
     def emit(self, code: str, target: str, message: str, **details: Any) -> dict[str, Any]:
         if code not in REASON_CODES:  # a plugin's unknown code must not take the run down
@@ -40,6 +47,8 @@ class Events:
             self.echo(f"[{code}] {target}: {message}")
         if self.observe:
             self.observe(event)
+        if self.warn:
+            warnings.warn(f"[{code}] {target}: {message}", FallbackWarning, stacklevel=3)
         return event
 
 

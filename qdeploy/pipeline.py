@@ -152,7 +152,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     ref_metrics = {o: output_metrics(ref_out[o], ref_out[o], val_y, extra) for o in out_names}
     check_budget(spec.budget, ref_metrics[out_name], ref_metrics[out_name], out_name)  # computable at all?
 
-    events = Events(echo, registry.emit)
+    events = Events(echo, registry.emit, warn=spec.fallback.policy == "warn")
     range_cache: dict[tuple, ActivationRanges] = {}
 
     def ranges_for(s: QuantSpec) -> ActivationRanges | None:

@@ -120,7 +120,9 @@ class FallbackSpec:
     """What may happen when a check fails.
 
     ``ladder``: the precisions a layer climbs through (intersected with what the device runs fast).
-    ``policy``: ``strict`` fails instead of falling back, ``warn`` falls back and warns, ``auto`` falls back.
+    ``policy``: ``strict`` fails instead of falling back; ``auto`` falls back, recording and printing every
+    event; ``warn`` does the same and also issues each event as a Python ``FallbackWarning`` (so library
+    callers see it, or turn it into an error with a warnings filter).
     ``max_trials`` rebuilds and ``time_budget_s`` seconds bound the accuracy loop per backend.
     """
 

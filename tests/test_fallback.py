@@ -196,3 +196,14 @@ def test_an_unknown_reason_code_from_a_plugin_is_recorded_not_fatal():
     from qdeploy.fallback import Events
     ev = Events().emit("WEIRD", "x", "boom")
     assert ev["code"] == "BUILD_FAILED" and "WEIRD" in ev["message"]
+
+
+def test_warn_policy_issues_python_warnings_auto_does_not(tmp_path, digits_data, recwarn):
+    from qdeploy.fallback import FallbackWarning
+
+    kw = dict(target="x86-avx512-vnni", spec=TIGHT, calib=digits_data / "calib.npz", val=digits_data / "val.npz",
+              input_shape="1x1x8x8", backends=["onnxruntime"])
+    qdeploy.deploy(SENSITIVE, output=tmp_path / "auto", policy="auto", **kw)
+    assert not [w for w in recwarn if issubclass(w.category, FallbackWarning)]
+    with pytest.warns(FallbackWarning, match="ACCURACY_BELOW_BUDGET"):
+        qdeploy.deploy(SENSITIVE, output=tmp_path / "warn", policy="warn", **kw)
