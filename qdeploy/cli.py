@@ -114,7 +114,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         x = {k.split(":", 1)[1]: v for k, v in s.items() if k.startswith("input:")}
         y = None
         print(f"no --val: re-checking on the {len(next(iter(x.values())))} stored samples")
-    ref = run_all(bundle.reference_runner(), x)
+    ref_runner = bundle.reference_runner()
+    ref = run_all(ref_runner, x)
+    ref_runner.close()
     out_name = m["budget_output"]
     ref_metrics = output_metrics(ref[out_name], ref[out_name], y)
     budget = QuantSpec.from_dict(m["spec"]).budget
@@ -125,7 +127,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except Exception as exc:  # a runtime missing here is reported, not fatal
             print(f"  {art['id']:<28} not runnable here: {exc}")
             continue
-        out = run_all(runner, x)
+        try:
+            out = run_all(runner, x)
+        finally:
+            runner.close()
         metrics = output_metrics(ref[out_name], out[out_name], y)
         try:
             res = check_budget(budget, metrics, ref_metrics, out_name)

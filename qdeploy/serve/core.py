@@ -15,6 +15,8 @@ demotes: it serves the first artifact only, and a failure makes the model unread
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import threading
 import time
@@ -228,6 +230,7 @@ class FallbackModel:
 
     def _load(self, slot: Slot, samples: dict[str, np.ndarray]) -> None:
         code = LOAD_FAILED
+        runner = None
         try:
             try:
                 runner = self.bundle.reference_runner() if slot.is_reference else self.bundle.runner(slot.id)
@@ -240,6 +243,9 @@ class FallbackModel:
                                    "simulated runner verifies but never serves")
             self._warm_up(slot, runner, samples)
         except Exception as exc:
+            if runner is not None:  # a runner that failed its warm-up must not keep its memory (or GPU)
+                with contextlib.suppress(Exception):
+                    runner.close()
             self._fail(slot, code, f"{type(exc).__name__}: {exc}" if not isinstance(exc, QDeployError) else str(exc))
             return
         with self._lock:
