@@ -49,17 +49,22 @@ def fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax
     return ((np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale).astype(x.dtype)
 
 
-def weight_axis(layer: LayerInfo, node: Any, spec_axis: int) -> int:
-    """The output-channel axis of a layer's weight: 0 for Conv and Gemm(transB=1), 1 for MatMul/Gemm(transB=0)
-    and ConvTranspose. ``spec_axis`` (the spec's per-channel axis) is honoured for Conv."""
-    if layer.op_type == "Gemm":
+def output_channel_axis(node: Any, weight_rank: int) -> int:
+    """The output-channel axis of a weighted ONNX node's weight (non-negative): 0 for Conv and Gemm with
+    transB=1, 1 for ConvTranspose and Gemm with transB=0, the last axis for MatMul."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return 0 if trans_b else 1
-    if layer.op_type == "MatMul":
-        return -1
-    if layer.op_type == "ConvTranspose":
-        return 1
-    return spec_axis
+    if node.op_type == "MatMul":
+        return weight_rank - 1
+    return 0
+
+
+def weight_axis(layer: LayerInfo, node: Any, spec_axis: int, weight_rank: int) -> int:
+    """The per-channel axis for a layer's weight: the spec's axis for Conv, the output-channel axis otherwise."""
+    return spec_axis if layer.op_type == "Conv" else output_channel_axis(node, weight_rank)
 
 
 def fake_quant_weight(w: np.ndarray, ws: WeightSpec, axis: int) -> np.ndarray:
@@ -101,7 +106,7 @@ def simulated_model(model: ModelHandle, spec: QuantSpec, ranges: ActivationRange
         if layer.weight and layer.weight in inits:
             w = numpy_helper.to_array(inits[layer.weight])
             axis = weight_axis(layer, node, spec.weights.granularity.axis
-                               if isinstance(spec.weights.granularity, PerChannel) else 0)
+                               if isinstance(spec.weights.granularity, PerChannel) else 0, w.ndim)
             new = numpy_helper.from_array(fake_quant_weight(w, spec.weights, axis), name=f"{layer.weight}__fq_{name}")
             proto.graph.initializer.append(new)
             node.input[1] = new.name

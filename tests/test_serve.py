@@ -550,3 +550,10 @@ def test_cli_serve_answers_with_the_int8_artifact(base_bundle, val_inputs):
             proc.kill()
             out, err = proc.communicate()
     assert "ready on http://127.0.0.1" in err, err
+
+
+def test_serving_reason_codes_are_the_core_ones():
+    from qdeploy.fallback import REASON_CODES
+    from qdeploy.serve import core
+
+    assert {core.BACKEND_UNAVAILABLE, core.LOAD_FAILED, core.RUNTIME_ERROR, core.DRIFT_DETECTED} <= set(REASON_CODES)

@@ -30,16 +30,17 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import QDeployError
+from ..spec import POLICIES
 from .drift import DriftGuard, DriftRule, drift_rule
 from .errors import InferenceFailed, NotReady, NothingServes, RequestError
 
 log = logging.getLogger("qdeploy.serve")
 
-LOAD_FAILED = "LOAD_FAILED"
+# the serving subset of qdeploy.fallback.REASON_CODES (tests/test_serve.py checks they stay in it)
 BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+LOAD_FAILED = "LOAD_FAILED"
 RUNTIME_ERROR = "RUNTIME_ERROR"
 DRIFT_DETECTED = "DRIFT_DETECTED"
-POLICIES = ("auto", "warn", "strict")
 REFERENCE_ID = "reference-fp32"
 MAX_EVENTS = 200
 

@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from ..spec import HIGHER_IS_BETTER
+
 log = logging.getLogger("qdeploy.serve")
 
 Z_99 = 2.326
 QUEUE_SIZE = 64
-CONTINUOUS = {"cosine": True, "sqnr_db": True, "max_abs": False, "mean_abs": False}  # metric -> higher is better
+CONTINUOUS = {m: higher for m, higher in HIGHER_IS_BETTER.items() if not m.startswith("top1")}  # label-free metrics
 
 
 @dataclass(frozen=True)

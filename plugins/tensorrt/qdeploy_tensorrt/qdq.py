@@ -37,6 +37,7 @@ import numpy as np
 
 from qdeploy.backend import quiet
 from qdeploy.calibration import ActivationRanges
+from qdeploy.simulate import output_channel_axis  # R3: weights per channel on the output-channel axis
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -114,18 +115,6 @@ def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8
         node.input[r] = f"{tag}_dq"
         added.append(tensor)
     return added
-
-
-def output_channel_axis(node: Any, weight_rank: int) -> int:
-    """R3: the output-channel axis of a weighted node's weight (non-negative)."""
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    if node.op_type == "MatMul":
-        return weight_rank - 1
-    return 0
 
 
 def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str] = ()) -> list[str]:
