@@ -127,8 +127,7 @@ def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: 
         res.warnings.append(f"{prec} is forced by the spec but runs slower than fp32 on this device with "
                             f"{target.backend}")
     spec = spec.replace(precision=prec)
-    quantized = prec == "int8" or any(o.precision == "int8" for o in spec.overrides)
-    if quantized:
+    if spec.uses_int8:
         act, w = spec.activations, spec.weights
         if act.mode not in caps.activation_modes:
             res.note("PRECISION_UNSUPPORTED", f"{act.mode} activation quantization is not supported by "

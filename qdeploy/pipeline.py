@@ -51,8 +51,7 @@ def _with_policy(spec: QuantSpec, policy: str | None) -> QuantSpec:
 
 
 def _needs_ranges(spec: QuantSpec) -> bool:
-    return spec.activations.mode == "static" and (spec.precision == "int8" or
-                                                   any(o.precision == "int8" for o in spec.overrides))
+    return spec.activations.mode == "static" and spec.uses_int8
 
 
 def _resolutions(profile: Profile, registry: Registry, model: ModelHandle, spec: QuantSpec,

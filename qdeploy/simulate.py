@@ -94,7 +94,7 @@ def simulated_model(model: ModelHandle, spec: QuantSpec, ranges: ActivationRange
                     layers: Iterable[str]) -> Any:
     """An ONNX ModelProto of the reference in which ``layers`` are fake-quantized as ``spec`` says."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     proto = onnx.load(str(model.onnx_path))
     nodes = {n.name: n for n in proto.graph.node}
@@ -114,19 +114,27 @@ def simulated_model(model: ModelHandle, spec: QuantSpec, ranges: ActivationRange
             lo, hi = ranges.get(layer.input)
             sym = spec.activations.symmetric
             s, z, _, _ = qparams(lo, hi, 8, sym, signed=sym)
-            zdtype = np.int8 if sym else np.uint8
-            tag = f"{layer.input}__fq_{name}"
-            proto.graph.initializer.extend([numpy_helper.from_array(np.array(s, np.float32), f"{tag}_scale"),
-                                            numpy_helper.from_array(np.array(z, zdtype), f"{tag}_zp")])
-            q = helper.make_node("QuantizeLinear", [layer.input, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"],
-                                 name=f"{tag}_Q")
-            dq = helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [f"{tag}_dq"],
-                                  name=f"{tag}_DQ")
-            idx = list(proto.graph.node).index(node)
-            proto.graph.node.insert(idx, dq)
-            proto.graph.node.insert(idx, q)
-            node.input[0] = f"{tag}_dq"
+            insert_qdq(proto, node, 0, np.array(s, np.float32), np.array(z, np.int8 if sym else np.uint8),
+                       f"{layer.input}__fq_{name}")
     return proto
+
+
+def insert_qdq(proto: Any, node: Any, index: int, scale: np.ndarray, zero_point: np.ndarray, tag: str) -> None:
+    """Put a QuantizeLinear/DequantizeLinear pair in front of input ``index`` of ``node`` (scale and zero
+    point become initializers named after ``tag``; only this consumer sees the quantized tensor)."""
+    from onnx import helper, numpy_helper
+
+    tensor = node.input[index]
+    proto.graph.initializer.extend([numpy_helper.from_array(scale, f"{tag}_scale"),
+                                    numpy_helper.from_array(zero_point, f"{tag}_zero_point")])
+    q = helper.make_node("QuantizeLinear", [tensor, f"{tag}_scale", f"{tag}_zero_point"], [f"{tag}_q"],
+                         name=f"{tag}_QuantizeLinear")
+    dq = helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zero_point"], [f"{tag}_dq"],
+                          name=f"{tag}_DequantizeLinear")
+    idx = list(proto.graph.node).index(node)
+    proto.graph.node.insert(idx, dq)
+    proto.graph.node.insert(idx, q)
+    node.input[index] = f"{tag}_dq"
 
 
 def layer_sensitivity(model: ModelHandle, spec: QuantSpec, ranges: ActivationRanges | None,

@@ -167,6 +167,11 @@ class QuantSpec:
                 chosen = ov.precision
         return chosen
 
+    @property
+    def uses_int8(self) -> bool:
+        """True when the default precision or any override is INT8."""
+        return self.precision == "int8" or any(o.precision == "int8" for o in self.overrides)
+
     def replace(self, **changes: Any) -> QuantSpec:
         return dataclasses.replace(self, **changes)
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from qdeploy.backend import quiet
 from qdeploy.calibration import ActivationRanges
-from qdeploy.simulate import output_channel_axis  # R3: weights per channel on the output-channel axis
+from qdeploy.simulate import insert_qdq, output_channel_axis  # R3: weights per channel on the output-channel axis
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -84,8 +84,6 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
 def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8_nodes: set[str]) -> list[str]:
     """R6: Q/DQ on the residual input of every Add whose other input is the output of an INT8 weighted layer.
     Returns the residual tensors that got a pair."""
-    from onnx import helper, numpy_helper
-
     producer = {o: n for n in proto.graph.node for o in n.output}
     inits = {t.name for t in proto.graph.initializer}
     added: list[str] = []
@@ -102,17 +100,7 @@ def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8
             continue
         lo, hi = ranges[tensor]
         scale = max(abs(lo), abs(hi), 1e-12) / 127.0  # R1: symmetric, zero point 0
-        tag = f"{tensor}__residual_{node.name}"
-        proto.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_scale"),
-                                        numpy_helper.from_array(np.array(0, np.int8), f"{tag}_zero_point")])
-        q = helper.make_node("QuantizeLinear", [tensor, f"{tag}_scale", f"{tag}_zero_point"], [f"{tag}_q"],
-                             name=f"{tag}_QuantizeLinear")
-        dq = helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zero_point"], [f"{tag}_dq"],
-                              name=f"{tag}_DequantizeLinear")
-        idx = list(proto.graph.node).index(node)
-        proto.graph.node.insert(idx, dq)
-        proto.graph.node.insert(idx, q)
-        node.input[r] = f"{tag}_dq"
+        insert_qdq(proto, node, r, np.array(scale, np.float32), np.array(0, np.int8), f"{tensor}__residual_{node.name}")
         added.append(tensor)
     return added
 
