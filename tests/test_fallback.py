@@ -15,7 +15,10 @@ from qdeploy.spec import ActivationSpec, FallbackSpec, LayerOverride, PerGroup, 
 from conftest import ROOT
 
 SENSITIVE = f"{ROOT / 'examples' / 'digits.py'}:build_sensitive_model"
-TIGHT = {"weights": {"granularity": "per_tensor"}, "budget": {"metric": "top1_agreement", "threshold": 0.999}}
+# 0.99 on the 597 validation images allows 5 flips: enough slack that the ordinary INT8 noise of whatever model
+# this machine trained passes, while the outlier channel (about 0.93 agreement) cannot.
+THRESHOLD = 0.99
+TIGHT = {"weights": {"granularity": "per_tensor"}, "budget": {"metric": "top1_agreement", "threshold": THRESHOLD}}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +34,15 @@ def test_fallback_promotes_named_layers_until_the_budget_holds(sensitive_bundle)
     promotions = [e for e in m["events"] if e["code"] == "ACCURACY_BELOW_BUDGET" and e["action"] == "promote"]
     assert promotions, m["events"]
     for e in promotions:
-        assert e["metric"] == "top1_agreement" and e["budget"] == pytest.approx(0.999)
-        assert e["value"] < 0.999 and e["layer"] in m["model"]["layers"]
+        assert e["metric"] == "top1_agreement" and e["budget"] == pytest.approx(THRESHOLD)
+        assert e["value"] < THRESHOLD and e["layer"] in m["model"]["layers"]
         assert (e["from"], e["to"]) == ("int8", "fp32")  # x86 onnxruntime: the ladder skips slow fp16
     art = m["artifacts"][0]
-    assert art["budget"]["passed"] and art["metrics"]["top1_agreement"] >= 0.999
+    assert art["budget"]["passed"] and art["metrics"]["top1_agreement"] >= THRESHOLD
     for e in promotions:
         assert art["layer_precisions"][e["layer"]] == "fp32"
+    sens = art["sensitivity"]
+    assert promotions[0]["layer"] == min(sens, key=sens.get)  # the most sensitive layer goes first
     assert "int8" in art["layer_precisions"].values()  # only what had to be promoted was
     assert art["trials"] == len(promotions) + 1
     # the sensitivity ranking is in the manifest and the report; the outlier-scaled layers rank first
