@@ -15,7 +15,9 @@ only ``tflite-runtime`` is installed it is used for what it can run (see :func:`
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import tempfile
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,11 +68,42 @@ def interpreter_class() -> tuple[Any, str, str]:
 def converter_status() -> str:
     """'' when litert-torch imports, else why not."""
     try:
-        with quiet("torch", "torchao", "litert_torch", "absl", "jax", "ai_edge_quantizer"):
+        with quiet("torch", "torchao", "litert_torch", "absl", "jax", "ai_edge_quantizer"), _native_stderr_muted():
             import litert_torch  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         return f"litert-torch is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return ""
+
+
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """Collect what C++ code writes straight to file descriptor 2 while the block runs; yields a dict whose
+    ``"text"`` holds it afterwards. Importing litert-torch makes TensorFlow and torchao print INFO lines there
+    (oneDNN notices, absl's InitializeLog warning, optional CUDA kernels not found) that TF_CPP_MIN_LOG_LEVEL
+    does not silence, and the interpreter announces its XNNPACK delegate: they would open every
+    `qdeploy check` and `deploy`. Errors still raise; callers add the collected text to their message."""
+    out = {"text": ""}
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr descriptor (embedded interpreters): nothing to collect
+        yield out
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            out["text"] = sink.read().decode(errors="replace")
+
+
+def _native_error(text: str) -> str:
+    """The last line of collected native output that is not an INFO/WARNING notice, or ''."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("INFO:", "I0000", "WARNING:", "W0000"))]
+    return lines[-1] if lines else ""
 
 
 
@@ -239,11 +272,17 @@ class LiteRTRunner(Runner):
             raise BackendError(reason, "LOAD_FAILED")
         meta = meta or {}
         threads = threads or int(os.environ.get("QDEPLOY_TFLITE_THREADS", "0")) or None
-        try:
-            self.interpreter = interp(model_path=str(path), num_threads=threads)
-            self.interpreter.allocate_tensors()
-        except Exception as exc:  # noqa: BLE001
-            raise BackendError(f"{runtime} cannot load {Path(path).name}: {_first_line(exc)}", "LOAD_FAILED") from exc
+        error = None
+        with _native_stderr_muted() as native:
+            try:
+                self.interpreter = interp(model_path=str(path), num_threads=threads)
+                self.interpreter.allocate_tensors()
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        if error is not None:
+            detail = _native_error(native["text"])
+            raise BackendError(f"{runtime} cannot load {Path(path).name}: {_first_line(error)}"
+                               + (f" ({detail})" if detail else ""), "LOAD_FAILED") from error
         self.runtime = runtime
         self.inputs = self.interpreter.get_input_details()
         self.outputs = self.interpreter.get_output_details()
