@@ -170,7 +170,8 @@ class Backend(ABC):
 class OrtRunner(Runner):
     """An onnxruntime session: the FP32 reference runner, and the runner of every ONNX artifact."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0) -> None:
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0,
+                 disabled_optimizers: tuple[str, ...] = ()) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -178,7 +179,8 @@ class OrtRunner(Runner):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        kw = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"], **kw)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         first = self.session.get_inputs()[0].shape

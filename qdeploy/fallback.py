@@ -127,7 +127,7 @@ def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: 
         res.warnings.append(f"{prec} is forced by the spec but runs slower than fp32 on this device with "
                             f"{target.backend}")
     spec = spec.replace(precision=prec)
-    if spec.uses_int8:
+    if spec.uses_quantized:
         act, w = spec.activations, spec.weights
         if act.mode not in caps.activation_modes:
             res.note("PRECISION_UNSUPPORTED", f"{act.mode} activation quantization is not supported by "

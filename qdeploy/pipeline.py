@@ -22,7 +22,7 @@ from .plugins import Registry, get_registry
 from .profiles import Profile, detect_profile_name, load_profile_file
 from .report import markdown_report
 from .simulate import layer_sensitivity
-from .spec import HIGHER_IS_BETTER, POLICIES, QuantSpec, load_spec
+from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
 from .verify import budget_output, check_budget, latency_ms, output_metrics, run_all
 
 Echo = Callable[[str], None]
@@ -51,7 +51,7 @@ def _with_policy(spec: QuantSpec, policy: str | None) -> QuantSpec:
 
 
 def _needs_ranges(spec: QuantSpec) -> bool:
-    return spec.activations.mode == "static" and spec.uses_int8
+    return spec.activations.mode == "static" and spec.uses_quantized
 
 
 def _resolutions(profile: Profile, registry: Registry, model: ModelHandle, spec: QuantSpec,
@@ -206,12 +206,13 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             return Trial(art, metrics, budget, outs)
 
         def rank(names: list[str]) -> list[str]:
-            if res.ladder[0] != "int8":
+            if res.ladder[0] not in QUANTIZED:
                 return names
             if not sensitivity:
                 echo(f"{label}: ranking {len(names)} layers by sensitivity")
                 sensitivity.update(layer_sensitivity(model, rspec, ranges, names, sens_x,
-                                                     ref_out[out_name][:SENSITIVITY_SAMPLES], out_name))
+                                                     ref_out[out_name][:SENSITIVITY_SAMPLES], out_name,
+                                                     res.ladder[0]))
             return sorted(names, key=lambda n: sensitivity.get(n, float("inf")))
 
         try:
@@ -227,8 +228,8 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         if not best.budget.passed and rspec.fallback.policy == "strict":
             strict_failure = f"{label}: {best.budget.describe()}"
             break
-        if per_layer and not sensitivity and res.ladder[0] == "int8":
-            rank([n for n, p in best.artifact.layer_precisions.items() if p == "int8"])
+        if per_layer and not sensitivity and res.ladder[0] in QUANTIZED:
+            rank([n for n, p in best.artifact.layer_precisions.items() if p == res.ladder[0]])
         if not best.budget.passed:
             echo(f"warning: {label}: best artifact still misses the budget ({best.budget.describe()})")
         built.append(_record(res, best, len(trials), sensitivity, staging, backend, val_x, ref_lat))

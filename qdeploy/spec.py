@@ -21,6 +21,8 @@ SPEC_VERSION = 1
 
 PRECISIONS = ("int8", "fp8", "fp16", "bf16", "fp32")
 """Precisions in ladder order: a fallback step moves a layer to the right."""
+QUANTIZED = ("int8", "fp8")
+"""Precisions stored as 8-bit codes with a scale: weights and static activations need calibrated ranges."""
 CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 ACTIVATION_MODES = ("static", "dynamic", "none")
 POLICIES = ("strict", "warn", "auto")
@@ -168,9 +170,10 @@ class QuantSpec:
         return chosen
 
     @property
-    def uses_int8(self) -> bool:
-        """True when the default precision or any override is INT8."""
-        return self.precision == "int8" or any(o.precision == "int8" for o in self.overrides)
+    def uses_quantized(self) -> bool:
+        """True when the default precision or any override is a quantized type (INT8 or FP8): such a spec
+        needs calibrated activation ranges and its weight/activation settings apply."""
+        return self.precision in QUANTIZED or any(o.precision in QUANTIZED for o in self.overrides)
 
     def replace(self, **changes: Any) -> QuantSpec:
         return dataclasses.replace(self, **changes)

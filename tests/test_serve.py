@@ -485,6 +485,7 @@ def test_drift_guard_demotes_a_drifting_artifact_within_the_window(drift_bundle,
     model, srv = _server(drift_bundle, drift_sample=1.0, drift_window=window)
     try:
         assert _wait(lambda: model.ready) and model.active == "perturbed-int8"
+        assert model.wait_loaded(60)  # the INT8 link is warm: the demotion lands on it, not on the reference
         answered = []
         with httpx.Client(base_url=srv.url, timeout=10) as c:
             for i in range(window):
@@ -505,6 +506,26 @@ def test_drift_guard_demotes_a_drifting_artifact_within_the_window(drift_bundle,
         assert answered[0] == "perturbed-int8"
     finally:
         srv.stop()
+        model.close()
+
+
+def test_a_link_ready_after_a_demotion_takes_over_in_chain_order(drift_bundle):
+    """A demotion while the next link is still loading lands on what is ready (here the FP32 reference); when
+    the earlier link finishes its warm-up it takes over: the chain's order wins, not load timing."""
+    from qdeploy.serve import FallbackModel
+
+    model = FallbackModel(drift_bundle, drift_sample=0)
+    try:
+        samples = model.bundle.samples()
+        first, second, ref = model.slots[0], model.slots[1], model.slots[-1]
+        assert (first.id, second.id, ref.is_reference) == ("perturbed-int8", INT8_ID, True)
+        model._load(first, samples)
+        model._load(ref, samples)
+        model._fail(first, "DRIFT_DETECTED", "test")
+        assert model.active == ref.id
+        model._load(second, samples)
+        assert model.active == INT8_ID
+    finally:
         model.close()
 
 

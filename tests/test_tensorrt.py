@@ -183,9 +183,78 @@ def test_capabilities_follow_compute_capability():
     caps = {n: backend.capabilities(_target(n)) for n in ("nvidia-t4", "nvidia-jetson-orin", "nvidia-h100")}
     assert caps["nvidia-t4"].precisions == ("int8", "fp16", "fp32")
     assert "bf16" in caps["nvidia-jetson-orin"].precisions and "bf16" in caps["nvidia-h100"].precisions
-    assert "fp8" not in caps["nvidia-h100"].precisions  # no FP8 Q/DQ writer: never claimed
+    assert "fp8" in caps["nvidia-h100"].precisions and "fp8" not in caps["nvidia-jetson-orin"].precisions
     for c in caps.values():
         assert c.available and c.verified_on == ("gpu" if TRT_OK else "simulated")
+
+
+# --- FP8 (E4M3) on sm_89+: the same placement, FP8 pairs with scale amax / 448 ----------------------------------
+def _build_on(handle, spec, ranges, lp, workdir, profile):
+    backend = TensorRTBackend()
+    plan = backend.translate(handle, spec, _target(profile), lp)
+    return backend, backend.build(backend.calibrate(plan, ranges, None), workdir)
+
+
+def test_fp8_qdq_graph_has_fp8_pairs_with_amax_over_448(residual, tmp_path):
+    import ml_dtypes
+
+    handle, spec, ranges, x = residual
+    lp = {n: "fp8" for n in handle.layers}
+    backend, art = _build_on(handle, spec, ranges, lp, tmp_path, "nvidia-h100")
+    proto = onnx.load(str(art.path / "model_qdq.onnx"))
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    inits = _inits(proto)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(inits[n.input[2]].dtype == ml_dtypes.float8_e4m3fn for n in qdq)
+    assert all(not inits[n.input[2]].astype(np.float32).any() for n in qdq)
+    nodes = {n.name: n for n in proto.graph.node}
+    act_dq = producer[nodes["conv2"].input[0]]  # activation r1: per-tensor, amax / 448
+    assert float(inits[act_dq.input[1]]) == pytest.approx(max(map(abs, ranges.get("r1"))) / 448, rel=1e-6)
+    w_dq = producer[nodes["conv1"].input[1]]  # weights: per output channel, each channel's amax / 448
+    w = inits[producer[w_dq.input[0]].input[0]]
+    assert inits[w_dq.input[1]] == pytest.approx(np.abs(w).max(axis=(1, 2, 3)) / 448, rel=1e-6)
+    add = nodes["residual_add"]  # R6 with an FP8 pair
+    assert inits[producer[add.input[1]].input[2]].dtype == ml_dtypes.float8_e4m3fn
+    assert check_rules(proto, [], fp8_nodes=[handle.layers[n].node for n in lp]) == []
+    assert art.meta["builder_flags"][:2] == ["FP8", "FP16"] and art.meta["qdq"]["fp8_layers"] == 4
+    assert "--fp8" in (art.path / "trtexec.txt").read_text()
+    # the simulation runs the graph as written: the same outputs as onnxruntime with every rewrite off
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(art.path / "model_qdq.onnx"), opts).run(None, {"x": x})[0]
+    runner = backend.runner(art.path, art.meta)
+    np.testing.assert_allclose(runner.infer({"x": x})["y"], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_int8_and_fp8_layers_keep_their_own_pair_types(residual, tmp_path):
+    handle, spec, ranges, _ = residual
+    lp = {n: "int8" for n in handle.layers}
+    fp8 = sorted(lp)[:2]
+    lp.update({n: "fp8" for n in fp8})
+    _, art = _build_on(handle, spec, ranges, lp, tmp_path, "nvidia-h100")
+    proto = onnx.load(str(art.path / "model_qdq.onnx"))
+    int8_nodes = [handle.layers[n].node for n, p in lp.items() if p == "int8"]
+    fp8_nodes = [handle.layers[n].node for n, p in lp.items() if p == "fp8"]
+    assert check_rules(proto, int8_nodes, fp8_nodes=fp8_nodes) == []
+    # the checker catches a layer whose pairs have the other type (R8)
+    assert any(p.startswith("R8") for p in check_rules(proto, fp8_nodes, fp8_nodes=int8_nodes))
+    assert art.meta["builder_flags"][:3] == ["INT8", "FP8", "FP16"]
+
+
+def test_fp8_needs_sm89_and_climbs_on_older_gpus(residual):
+    handle = residual[0]
+    spec = QuantSpec(precision="fp8", activations=ActivationSpec(symmetric=True))
+    backends = get_registry().backends
+    h100 = resolve(_target("nvidia-h100"), backends, handle.formats, spec)
+    assert h100.ladder[0] == "fp8" and not h100.events
+    orin = resolve(_target("nvidia-jetson-orin"), backends, handle.formats, spec)  # sm_87: no FP8 tensor cores
+    assert orin.ladder[0] == "fp16"
+    assert [(c, d.get("requested"), d.get("resolved")) for c, _, d in orin.events] == \
+        [("PRECISION_UNSUPPORTED", "fp8", "fp16")]
+    with pytest.raises(BackendError, match="no fast kernels"):
+        TensorRTBackend().translate(handle, spec, _target("nvidia-t4"), {n: "fp8" for n in handle.layers})
 
 
 def test_asymmetric_spec_is_made_symmetric_or_refused(residual):
@@ -262,6 +331,24 @@ def test_digits_to_t4_bundle(digits_bundle):
         assert not digits_bundle.runner(host["id"]).simulated
     assert check_rules(onnx.load(str(folder / "model_qdq.onnx")),
                        [layer["node"] for layer in m["model"]["layers"].values()]) == []
+
+
+def test_digits_fp8_to_h100(digits_bundle, tmp_path):
+    """precision = "fp8" on an sm_90 profile: an FP8 Q/DQ artifact, simulated top-1 within 1 point of FP32."""
+    import ml_dtypes
+    from qdeploy.pipeline import deploy
+
+    data = next(p for p in digits_bundle.path.parent.parent.iterdir() if (p / "calib.npz").is_file())
+    b = deploy(f"{ROOT / 'examples' / 'digits.py'}:build_model", target="nvidia-h100",
+               spec={"precision": "fp8", "activations": {"symmetric": True}}, calib=data / "calib.npz",
+               val=data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8", backends=["tensorrt"])
+    art = b.artifacts[0]
+    assert art["precision"] == "fp8" and art["verified_on"] == ("gpu" if TRT_OK else "simulated")
+    assert art["metrics"]["top1_accuracy"] >= b.manifest["reference"]["metrics"]["top1_accuracy"] - 0.01
+    proto = onnx.load(str(b.path / art["path"] / "model_qdq.onnx"))
+    assert {_inits(proto)[n.input[2]].dtype for n in proto.graph.node if n.op_type == "DequantizeLinear"} == \
+        {np.dtype(ml_dtypes.float8_e4m3fn)}
+    assert "FP8" in art["meta"]["builder_flags"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -211,6 +211,10 @@ class FallbackModel:
     def _load_all(self) -> None:
         try:
             samples = self.bundle.samples()
+            # the guard watches from the first request on, while the rest of the chain is still loading
+            if self.drift_sample > 0 and any(s.drift for s in self.slots):
+                self._guard = DriftGuard(self.bundle.reference_path, self.drift_sample, self.drift_window,
+                                         self._on_drift)
             for slot in self.slots:
                 if self._closed or (self.policy == "strict" and self.failure):
                     break
@@ -218,9 +222,6 @@ class FallbackModel:
             if self._active is None and not self.failure:
                 self.failure = "no artifact of bundle {} is ready on this host: {}".format(
                     self.bundle.path, "; ".join(f"{s.id}: [{s.reason}] {s.detail}" for s in self.slots))
-            if self._active is not None and self.drift_sample > 0 and any(s.drift for s in self.slots):
-                self._guard = DriftGuard(self.bundle.reference_path, self.drift_sample, self.drift_window,
-                                         self._on_drift)
         except Exception as exc:  # the bundle's samples could not be read: nothing can be warmed up
             self.failure = f"cannot load bundle {self.bundle.path}: {type(exc).__name__}: {exc}"
             log.error(self.failure)
@@ -251,9 +252,17 @@ class FallbackModel:
             return
         with self._lock:
             slot.runner, slot.state = runner, "ready"
-            if self._active is None and not self.failure:
+            current = self._active
+            if self.failure:
+                return
+            if current is None:
                 self._active = slot
                 log.info("%s: serving with %s (%s, %s)", self.name, slot.id, slot.backend, slot.precision)
+            elif self.slots.index(slot) < self.slots.index(current):
+                # a demotion happened while this earlier link was still loading: the chain's order wins
+                self._active = slot
+                log.info("%s: %s is ready and comes before %s in the chain: now serving it", self.name, slot.id,
+                         current.id)
 
     def _warm_up(self, slot: Slot, runner: Any, samples: dict[str, np.ndarray]) -> None:
         feed = {}

@@ -1,4 +1,5 @@
-"""qdeploy backend for NVIDIA TensorRT: explicitly quantized (Q/DQ) INT8 engines with FP16/BF16/FP32 layers.
+"""qdeploy backend for NVIDIA TensorRT: explicitly quantized (Q/DQ) INT8 and FP8 engines with FP16/BF16/FP32
+layers.
 
 The artifact is a folder: ``model_qdq.onnx`` (the explicitly quantized graph, see :mod:`.qdq` for TensorRT's
 placement rules), ``build_config.json`` (builder flags, layer precision constraints, optimization profile),
@@ -22,6 +23,7 @@ import pluggy
 from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, Runner
 from qdeploy.errors import BackendError
 from qdeploy.fallback import summarize_precision
+from qdeploy.simulate import ORT_FP8_DISABLED_OPTIMIZERS, has_fp8_qdq
 from qdeploy.spec import PRECISIONS, PerGroup
 
 from .engine import (BUILD_CONFIG, BUILD_SCRIPT, BUILDER_FLAGS, DEFAULT_WORKSPACE_MB, ENGINE, TRTEXEC, MIN_CC,
@@ -30,10 +32,11 @@ from .qdq import WEIGHTED_OPS, check_rules, with_float_rounding, write_qdq_model
 
 hookimpl = pluggy.HookimplMarker("qdeploy")
 SIMULATION_NOTE = ("verified by running the same Q/DQ graph in onnxruntime on the CPU (simulated): TensorRT's fused "
-                   "INT8 kernels, and the FP16 kernels it may pick for float layers without a precision constraint, "
-                   "can differ from this simulation")
-#: Precisions this backend builds (FP8 needs FP8 Q/DQ nodes, which it does not write yet).
-BUILDS = ("int8", "fp16", "bf16", "fp32")
+                   "INT8/FP8 kernels, and the FP16 kernels it may pick for float layers without a precision "
+                   "constraint, can differ from this simulation")
+#: Precisions this backend builds: INT8 and FP8 (E4M3) as Q/DQ layers, the rest as layer precisions.
+BUILDS = ("int8", "fp8", "fp16", "bf16", "fp32")
+QUANTIZED = ("int8", "fp8")
 
 
 class TensorRTBackend(Backend):
@@ -61,9 +64,9 @@ class TensorRTBackend(Backend):
         elif cc and f"sm_{cc.replace('.', '')}" not in gpu:
             notes.append(f"this host's GPU is {gpu} but the profile is sm_{cc.replace('.', '')}: an engine built here "
                          f"runs on this GPU model only; rebuild it on the target with `qdeploy build-engine`")
-        if "fp8" in fast_precisions(cc):
-            notes.append("this GPU has FP8 tensor cores, but this backend writes INT8 Q/DQ only: FP8 layers are not "
-                         "built (they climb to the next precision)")
+        if "fp8" in fast_precisions(cc) and spec.precision != "fp8" and "fp8" not in spec.fallback.ladder:
+            notes.append("this GPU has FP8 (E4M3) tensor cores: precision = \"fp8\" in the spec builds FP8 Q/DQ "
+                         "layers (or put fp8 on the fallback ladder after int8)")
         for p in ("bf16", "fp8"):
             if p in target.fast and p not in fast_precisions(cc):
                 need = ".".join(map(str, MIN_CC[p]))
@@ -91,18 +94,20 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{sorted(slow)} has no fast kernels on compute capability "
                                f"{target.compute_capability} (runs {', '.join(allowed)})", "PRECISION_UNSUPPORTED")
         events: list[tuple[str, str]] = []
-        if "int8" in used:
+        quantized = sorted(used & set(QUANTIZED), key=QUANTIZED.index)
+        if quantized:
             w, act = spec.weights, spec.activations
+            kinds = "/".join(q.upper() for q in quantized)
             if act.mode != "static":
                 raise BackendError(f"TensorRT explicit quantization needs static activation scales, not "
                                    f"{act.mode!r}", "PRECISION_UNSUPPORTED")
             if w.bits != 8 or isinstance(w.granularity, PerGroup):
-                raise BackendError("TensorRT INT8 takes 8-bit per-tensor or per-channel weights, not "
+                raise BackendError(f"TensorRT {kinds} takes 8-bit per-tensor or per-channel weights, not "
                                    f"{w.bits}-bit {w.granularity.type}", "GRANULARITY_UNSUPPORTED")
             asym = [k for k, s in (("weights", w.symmetric), ("activations", act.symmetric)) if not s]
             if asym:  # the profile should have said symmetric-only; TensorRT has zero point 0, always
-                msg = (f"asymmetric {' and '.join(asym)} are not supported by TensorRT (zero point must be 0); "
-                       f"translated to symmetric")
+                msg = (f"asymmetric {' and '.join(asym)} are not supported by TensorRT {kinds} (zero point must be "
+                       f"0); translated to symmetric")
                 if spec.fallback.policy == "strict":
                     raise BackendError(msg + " (refused: policy is strict)", "GRANULARITY_UNSUPPORTED")
                 events.append(("GRANULARITY_UNSUPPORTED", msg))
@@ -113,18 +118,20 @@ class TensorRTBackend(Backend):
         folder.mkdir(parents=True, exist_ok=True)
         model, lp, target = plan.model, plan.layer_precisions, plan.target
         int8_nodes = [model.layers[n].node for n, p in lp.items() if p == "int8"]
-        float_layers = {n: p for n, p in lp.items() if p != "int8"}
+        fp8_nodes = [model.layers[n].node for n, p in lp.items() if p == "fp8"]
+        float_layers = {n: p for n, p in lp.items() if p not in QUANTIZED}
         events = list(plan.state.get("events", []))
         meta: dict[str, Any] = {"compute_capability": target.compute_capability, "build_config": BUILD_CONFIG}
-        if int8_nodes:
+        if int8_nodes or fp8_nodes:
             if plan.ranges is None:
-                raise BackendError("INT8 needs calibrated activation ranges; pass calibration data", "BUILD_FAILED")
+                raise BackendError("INT8/FP8 need calibrated activation ranges; pass calibration data",
+                                   "BUILD_FAILED")
             onnx_name = "model_qdq.onnx"
             summary = write_qdq_model(model.onnx_path, folder / onnx_name, plan.ranges.ranges, int8_nodes,
-                                      plan.spec.weights.granularity.type == "per_channel", workdir)
+                                      plan.spec.weights.granularity.type == "per_channel", workdir, fp8_nodes)
             import onnx
             problems = check_rules(onnx.load(str(folder / onnx_name)), int8_nodes,
-                                   [model.layers[n].node for n in float_layers])
+                                   [model.layers[n].node for n in float_layers], fp8_nodes)
             if problems:
                 raise BackendError("the Q/DQ graph breaks TensorRT's rules: " + "; ".join(problems), "BUILD_FAILED")
             meta["qdq"] = summary
@@ -135,9 +142,9 @@ class TensorRTBackend(Backend):
             shutil.copyfile(model.onnx_path, folder / onnx_name)
         used = set(lp.values())
         fast = fast_precisions(target.compute_capability)
-        flags = [BUILDER_FLAGS[p] for p in ("int8", "bf16") if p in used]
-        if "fp16" in fast and "fp16" in target.supported:
-            flags.insert(1 if "int8" in used else 0, "FP16")  # float layers without a constraint may use FP16
+        flags = [BUILDER_FLAGS[p] for p in ("int8", "fp8", "bf16") if p in used]
+        if "fp16" in fast and "fp16" in target.supported:  # float layers without a constraint may use FP16
+            flags.insert(len([p for p in ("int8", "fp8") if p in used]), "FP16")
         constraints = [{"layer": n, "node": model.layers[n].node, "precision": p}
                        for n, p in float_layers.items()]
         config = {
@@ -183,16 +190,19 @@ class SimulatedRunner(OrtRunner):
     simulated = True
 
     def __init__(self, path: Path, constraints: list[Mapping[str, str]]) -> None:
-        rounded = [c for c in constraints if c["precision"] in ("fp16", "bf16")]
-        if not rounded:
-            super().__init__(path)
-            return
         import onnx
+
+        rounded = [c for c in constraints if c["precision"] in ("fp16", "bf16")]
+        proto = onnx.load(str(path))
+        # FP8 pairs: keep onnxruntime from rewrites that are wrong for them (see qdeploy.simulate)
+        disabled = ORT_FP8_DISABLED_OPTIMIZERS if has_fp8_qdq(proto) else ()
+        if not rounded:
+            super().__init__(path, disabled_optimizers=disabled)
+            return
         with tempfile.TemporaryDirectory(prefix="qdeploy-trt-sim-") as tmp:
             sim = Path(tmp) / "sim.onnx"
-            onnx.save(with_float_rounding(onnx.load(str(path)), {c["node"]: c["precision"] for c in rounded}),
-                      str(sim))
-            super().__init__(sim)
+            onnx.save(with_float_rounding(proto, {c["node"]: c["precision"] for c in rounded}), str(sim))
+            super().__init__(sim, disabled_optimizers=disabled)
 
 
 def symmetric_cost(ranges: Mapping[str, tuple[float, float]], tensors: list[str]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The explicitly quantized (Q/DQ) ONNX graph that TensorRT builds an INT8 engine from, and a checker of
+"""The explicitly quantized (Q/DQ) ONNX graph that TensorRT builds an INT8 / FP8 engine from, and a checker of
 TensorRT's rules for it.
 
 The rules, from NVIDIA's TensorRT Developer Guide, "Working with Quantized Types" (sections "Explicit
@@ -20,12 +20,18 @@ R6  "Quantize the residual input in skip connections": an Add fed by an INT8 wei
     its other (residual) input, so TensorRT can fuse the addition into the convolution's epilogue.
 R7  Weights may be float with a Q->DQ pair (TensorRT quantizes them at build time) or INT8 with a DQ.
     Biases stay float (TensorRT does not take INT32-quantized biases in Q/DQ networks).
+R8  FP8 (E4M3, sm_89+): the same placement, with FLOAT8E4M3FN zero points (0) and scales from the scheme in
+    "Quantization Schemes" (x_q = castToFp8(clip(x / s, -448, 448))): s = amax / 448; weights per tensor or
+    per output channel, activations per tensor; QuantizeLinear with an FP8 zero point needs ONNX opset 19.
+    Every input pair of one layer has that layer's type (an INT8 layer's pairs are INT8, an FP8 layer's FP8).
 
 ONNX Runtime's ``quantize_static`` writes the graph (QDQ format, symmetric QInt8 activations and weights,
 per-channel weights, float weights with Q/DQ pairs, one Q/DQ pair per consumer, unquantized biases, no Q/DQ
 on weighted-op outputs); qdeploy's calibrated ranges reach it through its own calibration cache. R6 is the
 one rule ORT's placement does not follow (quantizing ``Add`` would also put Q/DQ on the Conv output, against
-R5), so :func:`add_residual_qdq` inserts those pairs afterwards.
+R5), so :func:`add_residual_qdq` inserts those pairs afterwards. FP8 layers are placed by the same call and
+their pairs then retyped (:func:`retype_fp8`): ORT's own FP8 mode sizes scales from a Gaussian fit of the
+standard deviation, not from TensorRT's amax / 448, and needs its Distribution calibrator.
 """
 from __future__ import annotations
 
@@ -37,20 +43,25 @@ import numpy as np
 
 from qdeploy.backend import quiet
 from qdeploy.calibration import ActivationRanges
-from qdeploy.simulate import insert_qdq, output_channel_axis  # R3: weights per channel on the output-channel axis
+from qdeploy.simulate import (ensure_opset, fp8_scale, fp8_zero_point, insert_qdq,  # R3: output-channel axis
+                              output_channel_axis)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float, float]],
-                    int8_nodes: Iterable[str], per_channel: bool, workdir: Path) -> dict[str, Any]:
-    """Write the Q/DQ ONNX of ``reference`` with ``int8_nodes`` (ONNX node names of weighted layers) in INT8 and
-    every other node in float. Returns a summary (counts of Q/DQ pairs, residual pairs added)."""
+                    int8_nodes: Iterable[str], per_channel: bool, workdir: Path,
+                    fp8_nodes: Iterable[str] = ()) -> dict[str, Any]:
+    """Write the Q/DQ ONNX of ``reference`` with ``int8_nodes`` (ONNX node names of weighted layers) in INT8,
+    ``fp8_nodes`` in FP8 E4M3 and every other node in float. Returns a summary (counts of Q/DQ pairs, residual
+    pairs added)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    int8_nodes = list(int8_nodes)
+    fp8_nodes = list(fp8_nodes)
+    int8_only = list(int8_nodes)
+    int8_nodes = int8_only + fp8_nodes  # placed together; the FP8 layers' pairs are retyped below
     proto = onnx.load(str(reference))
     weighted = [n.name for n in proto.graph.node if n.op_type in WEIGHTED_OPS]
     cache = workdir / "calibration_cache.json"
@@ -71,19 +82,72 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
                 "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),        # R5
             })
     proto = onnx.load(str(out))
-    residual = add_residual_qdq(proto, ranges, set(int8_nodes))
+    if fp8_nodes:
+        proto = ensure_opset(proto, 19)  # R8
+        retype_fp8(proto, ranges, set(fp8_nodes))
+    residual = add_residual_qdq(proto, ranges, set(int8_only), set(fp8_nodes))
     for node in proto.graph.node:  # exporter debug metadata: not needed by TensorRT, a few % of the size
         del node.metadata_props[:]
         node.doc_string = ""
+    used = {i for n in proto.graph.node for i in n.input}
+    keep = [t for t in proto.graph.initializer if t.name in used]  # the INT8 scales that FP8 pairs replaced
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
     onnx.save(proto, str(out))
     counts = {op: sum(n.op_type == op for n in proto.graph.node) for op in QDQ_OPS}
     return {"quantize_nodes": counts["QuantizeLinear"], "dequantize_nodes": counts["DequantizeLinear"],
-            "residual_qdq": residual, "int8_layers": len(int8_nodes)}
+            "residual_qdq": residual, "int8_layers": len(int8_only), "fp8_layers": len(fp8_nodes)}
 
 
-def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8_nodes: set[str]) -> list[str]:
-    """R6: Q/DQ on the residual input of every Add whose other input is the output of an INT8 weighted layer.
-    Returns the residual tensors that got a pair."""
+def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes: set[str]) -> None:
+    """R8: turn the input Q/DQ pairs of ``fp8_nodes`` into FP8 E4M3 pairs with scale amax / 448: the
+    activation's calibrated range, the weight's own maximum per tensor or per output channel (the pair's
+    axis). Each pair gets its own scale and zero point initializers (a tensor feeding an INT8 and an FP8
+    layer keeps both types)."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    retyped: set[str] = set()
+    for node in proto.graph.node:
+        if node.name not in fp8_nodes:
+            continue
+        for k, t in enumerate(node.input[:2]):
+            dq = producer.get(t)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue  # check_rules reports the missing pair (R4)
+            src = q.input[0]
+            old = numpy_helper.to_array(inits[dq.input[1]])
+            if src in inits:
+                w = numpy_helper.to_array(inits[src])
+                if old.size > 1:
+                    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % w.ndim
+                    amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
+                else:
+                    amax = np.abs(w).max()
+            elif src in ranges:
+                lo, hi = ranges[src]
+                amax = max(-lo, hi)
+            else:
+                continue
+            scale = fp8_scale(amax).astype(np.float32).reshape(old.shape)
+            zero = np.broadcast_to(fp8_zero_point(), old.shape).copy()
+            tag = f"{src}__fp8_{node.name}_in{k}"
+            proto.graph.initializer.extend([numpy_helper.from_array(scale, f"{tag}_scale"),
+                                            numpy_helper.from_array(zero, f"{tag}_zero_point")])
+            for n in (q, dq):
+                n.input[1], n.input[2] = f"{tag}_scale", f"{tag}_zero_point"
+            retyped.add(q.output[0])
+    for vi in proto.graph.value_info:  # shape inference recorded the codes as INT8
+        if vi.name in retyped:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
+
+
+def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8_nodes: set[str],
+                     fp8_nodes: set[str] = frozenset()) -> list[str]:
+    """R6: Q/DQ on the residual input of every Add whose other input is the output of an INT8 (FP8) weighted
+    layer, of that layer's type. Returns the residual tensors that got a pair."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     inits = {t.name for t in proto.graph.initializer}
     added: list[str] = []
@@ -91,7 +155,8 @@ def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8
         if node.op_type != "Add" or len(node.input) != 2 or any(i in inits for i in node.input):
             continue
         srcs = [producer.get(i) for i in node.input]
-        fused = [i for i, s in enumerate(srcs) if s is not None and s.op_type in WEIGHTED_OPS and s.name in int8_nodes]
+        fused = [i for i, s in enumerate(srcs) if s is not None and s.op_type in WEIGHTED_OPS
+                 and (s.name in int8_nodes or s.name in fp8_nodes)]
         if len(fused) != 1:
             continue
         r = 1 - fused[0]
@@ -99,14 +164,22 @@ def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8
         if (src is not None and src.op_type == "DequantizeLinear") or tensor not in ranges:
             continue
         lo, hi = ranges[tensor]
-        scale = max(abs(lo), abs(hi), 1e-12) / 127.0  # R1: symmetric, zero point 0
-        insert_qdq(proto, node, r, np.array(scale, np.float32), np.array(0, np.int8), f"{tensor}__residual_{node.name}")
+        amax = max(abs(lo), abs(hi), 1e-12)
+        if srcs[fused[0]].name in fp8_nodes:  # R8
+            scale, zero = np.array(fp8_scale(amax), np.float32), fp8_zero_point()
+        else:  # R1: symmetric, zero point 0
+            scale, zero = np.array(amax / 127.0, np.float32), np.array(0, np.int8)
+        insert_qdq(proto, node, r, scale, zero, f"{tensor}__residual_{node.name}")
         added.append(tensor)
     return added
 
 
-def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str] = ()) -> list[str]:
-    """Every way ``proto`` breaks R1-R7 for the given INT8 and float (promoted) weighted nodes; empty if none."""
+def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str] = (),
+                fp8_nodes: Iterable[str] = ()) -> list[str]:
+    """Every way ``proto`` breaks R1-R8 for the given INT8, float (promoted) and FP8 weighted nodes; empty if
+    none."""
+    import ml_dtypes
+
     from onnx import numpy_helper
 
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
@@ -137,8 +210,9 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
             problems.append(f"R2 {n.name}: scale has rank {scale.ndim}; TensorRT takes a scalar or a 1-D tensor")
         if len(n.input) > 2 and n.input[2]:
             zp = inits.get(n.input[2])
-            if zp is None or zp.dtype != np.int8 or np.any(zp != 0):
-                problems.append(f"R1 {n.name}: zero point must be an all-zero INT8 constant, got "
+            if (zp is None or zp.dtype not in (np.int8, ml_dtypes.float8_e4m3fn)
+                    or np.any(zp.astype(np.float32) != 0)):
+                problems.append(f"R1 {n.name}: zero point must be an all-zero INT8 or FP8 E4M3 constant, got "
                                 f"{None if zp is None else (zp.dtype.name, np.unique(zp).tolist()[:4])}")
         data = n.input[0]
         is_weight = data in inits or (producer.get(data) is not None and producer[data].op_type == "QuantizeLinear"
@@ -153,20 +227,29 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
                     if qdq_axis(n) % w.ndim != want:
                         problems.append(f"R3 {n.name}: per-channel axis {qdq_axis(n)} for {c.op_type} {c.name}; "
                                         f"the output-channel axis is {want}")
-    for name in int8_nodes:
+    int8_nodes, fp8_nodes = list(int8_nodes), list(fp8_nodes)
+    if fp8_nodes and next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) < 19:
+        problems.append("R8: FP8 Q/DQ needs ONNX opset 19 or later")
+    for name in int8_nodes + fp8_nodes:
         n = nodes.get(name)
         if n is None:
             problems.append(f"R4 {name}: no such node in the graph")
             continue
+        want = ml_dtypes.float8_e4m3fn if name in fp8_nodes else np.int8
         for k, t in enumerate(n.input[:2]):
             src = producer.get(t)
             if src is None or src.op_type != "DequantizeLinear":
                 problems.append(f"R4 {name}: input {k} ({t!r}) does not come from a DequantizeLinear")
+                continue
+            zp = inits.get(src.input[2]) if len(src.input) > 2 and src.input[2] else None
+            if zp is not None and zp.dtype != want:
+                problems.append(f"R8 {name}: input {k} is dequantized from {zp.dtype.name}, the layer is "
+                                f"{np.dtype(want).name}")
         for t in n.output:
             for c in consumers.get(t, []):
                 if c.op_type == "QuantizeLinear":
                     problems.append(f"R5 {name}: output {t!r} is quantized directly (Q/DQ after a weighted op)")
-    int8 = set(int8_nodes)
+    int8 = set(int8_nodes) | set(fp8_nodes)
     for name in float_nodes:
         n = nodes.get(name)
         if n is None:
@@ -183,7 +266,7 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
         if len(fused) == 1:
             other = srcs[1 - fused[0]]
             if n.input[1 - fused[0]] not in inits and (other is None or other.op_type != "DequantizeLinear"):
-                problems.append(f"R6 {n.name}: residual input {n.input[1 - fused[0]]!r} of an Add fed by INT8 "
+                problems.append(f"R6 {n.name}: residual input {n.input[1 - fused[0]]!r} of an Add fed by quantized "
                                 f"{srcs[fused[0]].name} has no Q/DQ")
     return problems
 
