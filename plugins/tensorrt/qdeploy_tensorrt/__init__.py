@@ -77,7 +77,8 @@ class TensorRTBackend(Backend):
                      - set(WEIGHTED_OPS))
         if ops:
             flt = "FP16 (FP16 builder flag)" if "fp16" in fast_precisions(cc) else "FP32"
-            notes.append(f"ops without weights ({', '.join(ops)}) take INT8 only where TensorRT fuses them with "
+            q = spec.precision.upper() if spec.precision in QUANTIZED else "INT8"
+            notes.append(f"ops without weights ({', '.join(ops)}) take {q} only where TensorRT fuses them with "
                          f"neighbouring Q/DQ; elsewhere they run in {flt}")
         return notes
 
