@@ -184,3 +184,14 @@ def test_a_manifest_without_its_integrity_map_is_refused(capsys, tmp_path, digit
     (bad / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(capsys, "verify", bad)
     assert code == 2 and "outside the bundle" in err
+
+
+def test_a_bundle_of_an_unknown_schema_version_is_refused(capsys, tmp_path, digits_bundle):
+    bad = tmp_path / "future"
+    shutil.copytree(digits_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "verify", bad)
+    assert code == 2 and "schema" in err and "deploy again" in err
+    assert len(err.strip().splitlines()) == 1

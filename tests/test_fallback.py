@@ -61,15 +61,19 @@ def test_strict_policy_fails_instead_of_falling_back(tmp_path, digits_data):
     assert not (tmp_path / "b").exists()
 
 
-def test_trial_budget_bounds_the_loop_and_keeps_the_best(tmp_path, digits_data):
-    spec = dict(TIGHT, fallback={"max_trials": 1})
+@pytest.mark.parametrize("bound", [{"max_trials": 0}, {"time_budget_s": 0.001}], ids=["trials", "time"])
+def test_trial_and_time_budgets_bound_the_loop_and_keep_the_best(tmp_path, digits_data, bound):
+    """No promotion allowed (0 trials, or a 1 ms time budget): the plain INT8 build (agreement about 0.93, far below the
+    budget whatever the trained weights) is kept, marked as failing, with a stop event saying why."""
+    spec = dict(TIGHT, fallback=bound)
     b = qdeploy.deploy(SENSITIVE, target="x86-avx512-vnni", spec=spec, calib=digits_data / "calib.npz",
                        val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8",
                        backends=["onnxruntime"])
     art = b.artifacts[0]
-    assert art["trials"] == 2
+    assert art["trials"] == 1 and set(art["layer_precisions"].values()) == {"int8"}
     stop = [e for e in b.manifest["events"] if e.get("action") == "stop"]
     assert stop and "trial/time budget spent" in stop[0]["message"]
+    assert stop[0]["metric"] == "top1_agreement" and stop[0]["budget"] == pytest.approx(THRESHOLD)
     assert not art["budget"]["passed"]  # kept, and marked as failing: never silently passed
 
 

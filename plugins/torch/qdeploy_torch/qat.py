@@ -32,7 +32,8 @@ from qdeploy.errors import BackendError, ModelError
 GUIDANCE = (
     "QAT guidance: fine-tune from the trained FP32 weights with 1-10% of the original learning rate for about "
     "10-20% of the original epochs; call model.freeze_batchnorm() after a few epochs (BN statistics frozen, "
-    "fake quantization keeps training); optionally model.freeze_observers() for the last epoch; then "
+    "fake quantization keeps training); optionally model.freeze_observers() for the last epoch; learn the "
+    "activation scales (learn_scales=True) when activations have outliers; then "
     "convert(model) and deploy the result with any backend.")
 
 
