@@ -44,8 +44,20 @@ def prepare_output(output: Path) -> Path:
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
         raise BundleError(f"output folder {output} is not empty and is not a qdeploy bundle; choose another -o "
                           f"folder or empty it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+    except OSError as exc:
+        raise BundleError(f"cannot write a bundle at {output}: {exc.strerror or exc} ({exc.filename or output.parent}); "
+                          f"choose a writable -o folder") from None
+    staging.chmod(0o755 & ~_umask())  # mkdtemp makes it private; a bundle is read by servers and other users
+    return staging
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def commit(staging: Path, output: Path) -> None:

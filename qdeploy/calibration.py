@@ -50,9 +50,7 @@ class Dataset:
             x = self._check(x, seen)
             n = len(next(iter(x.values())))
             if y is not None:
-                y = np.asarray(y).reshape(-1)
-                if len(y) != n:
-                    raise DataError(f"{self.name}: {len(y)} labels for {n} samples; give one label per sample")
+                y = _labels(np.asarray(y).reshape(-1), n, self.name)
             if self.limit is not None:
                 n = min(n, self.limit - seen)
                 x = {k: v[:n] for k, v in x.items()}
@@ -151,7 +149,11 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
     else:
         raise DataError(f"{role} data: cannot read a {type(source).__name__}; pass a folder, .npz/.npy, arrays or "
                         f"an iterable")
-    n = len(next(iter(x.values())))
+    first = next(iter(x.values()))
+    if first.ndim == 0:
+        raise DataError(f"{name}: holds a single number, not samples; give an array of shape N x "
+                        f"{'x'.join('?' if d is None else str(d) for d in model.inputs[0].shape[1:])}")
+    n = len(first)
     if n == 0:
         raise DataError(f"{name}: no samples (the arrays are empty)")
     if y is not None:
@@ -188,7 +190,19 @@ def _labels(y: Any, n: int, name: str) -> np.ndarray:
                         f"({n},)); got {y.dtype} of shape {y.shape}")
     if len(y) != n:
         raise DataError(f"{name}: {len(y)} labels for {n} samples; give one label per sample")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{name}: label {int(y.min())} is negative; labels are class indices 0..C-1")
     return y
+
+
+def check_label_range(y: np.ndarray | None, classes: int, name: str) -> None:
+    """Labels must index the model's ``classes`` outputs: a label set for another model would score 0."""
+    if y is None or not len(y):
+        return
+    top = int(y.max())
+    if top >= classes:
+        raise DataError(f"{name}: label {top} is out of range for a model with {classes} output classes "
+                        f"(labels are 0..{classes - 1}); are these the labels of this model's data?")
 
 
 def _natural_key(path: Path) -> list:
@@ -234,7 +248,12 @@ def _iterable_dataset(source: Iterable, model: ModelHandle, name: str, batch: in
 
 
 def _folder_chunks(files: list[Path], model: ModelHandle, label_file: Path | None, name: str):
-    labels = np.load(label_file).reshape(-1) if label_file else None
+    labels = None
+    if label_file is not None:
+        try:
+            labels = np.load(label_file, allow_pickle=False).reshape(-1)
+        except Exception as exc:
+            raise DataError(f"{name}: labels file {label_file.name} cannot be read: {exc}") from None
 
     def chunks() -> Iterator[Batch]:
         offset = 0

@@ -226,17 +226,29 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
     trials: list[Trial] = []
     ranking: list[str] | None = None
     current = dict(layer_precisions)
+    step: tuple[str, str, str] | None = None
     while True:
         try:
             trial = build_and_verify(current, len(trials))
         except BackendError as exc:
             if not trials:
                 raise
+            layer, _, new = step if step else (None, None, None)
+            higher = res.ladder[res.ladder.index(new) + 1:] if new in res.ladder else ()
+            if exc.code == "PRECISION_UNSUPPORTED" and layer and higher and spec.fallback.policy != "strict":
+                # this backend cannot build that rung here: the layer skips it and climbs on
+                events.emit(exc.code, label, f"{exc} (layer {layer} in {new}); skipping {new} for it: "
+                            f"{new} -> {higher[0]}", layer=layer, requested=new, resolved=higher[0])
+                step = (layer, new, higher[0])
+                current[layer] = higher[0]
+                continue
             # a promotion the backend cannot build: keep what was already built and verified
             events.emit(exc.code, label, f"{exc} (while building trial {len(trials)}); keeping the best artifact "
                         f"built so far")
             break
         trials.append(trial)
+        # a backend may build a layer higher than asked (an event says so): climb on from what it built
+        current.update({n: p for n, p in trial.artifact.layer_precisions.items() if n in current})
         b = trial.budget
         if b.passed:
             return trial, trials
@@ -265,6 +277,12 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
                     action="promote", layer=layer, **{"from": old, "to": new}, **details)
         current[layer] = new
     best = max(trials, key=lambda t: (t.budget.value if _higher(t.budget.metric) else -t.budget.value))
+    if not best.budget.passed and spec.fallback.policy != "strict":
+        b = best.budget
+        events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}: the best of {len(trials)} trial(s) still "
+                    f"misses the budget; kept, marked as failing (servers and `verify` see budget.passed false)",
+                    action="keep", metric=b.metric, value=b.value, budget=b.budget, output=b.output,
+                    trial=trials.index(best), precision=best.artifact.precision)
     return best, trials
 
 

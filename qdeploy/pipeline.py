@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__
 from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
-from .calibration import ActivationRanges, collect_ranges, open_data
+from .calibration import ActivationRanges, check_label_range, collect_ranges, open_data
 from .errors import BackendError, BudgetNotMet, DataError, QDeployError, StrictPolicyError
 from .fallback import (Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions,
                        resolve, summarize_precision)
@@ -82,6 +82,7 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
             layers: dict[str, str] = {}
             if res.runnable:
                 layers, _ = initial_layer_precisions(res, handle.layers)
+                layers = _check_translation(res, handle, layers)
                 if res.caps.verified_on == "simulated":  # the deploy records the same when the artifact is built
                     res.note("BACKEND_UNAVAILABLE", f"the {res.target.backend} runtime is not available here"
                              f"{f' ({res.caps.reason})' if res.caps.reason else ''}: its artifact is built for the "
@@ -124,6 +125,47 @@ def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, ca
     return Bundle(output, manifest)
 
 
+def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> dict[str, str]:
+    """What the backend would really build (its translation, nothing built): layers it moves are events."""
+    if not layers or res.spec is None:
+        return layers
+    try:
+        plan = res.backend.translate(handle, res.spec, res.target, dict(layers))
+    except BackendError as exc:
+        res.note(exc.code, str(exc))
+        res.spec = None  # not runnable: the deploy would record the same event and move on
+        return {}
+    except Exception as exc:  # a plugin's translation must not take `check` down
+        res.note("BUILD_FAILED", f"translation failed: {type(exc).__name__}: {exc}")
+        res.spec = None
+        return {}
+    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
+    for name, want in layers.items():
+        got = plan.layer_precisions.get(name, want)
+        if got != want:
+            res.note("PRECISION_UNSUPPORTED", f"layer {name}: {reasons.get(name) or 'not buildable in ' + want}; "
+                     f"built in {got}", layer=name, requested=want, resolved=got)
+    return dict(plan.layer_precisions)
+
+
+def _record_translation(res: Resolution, asked: dict[str, str], plan: Any, seen: set[tuple[str, str, str]],
+                        events: Events) -> None:
+    """A backend may build a layer in another precision than asked (a format limit): never silently. Each
+    change is a ``PRECISION_UNSUPPORTED`` event (once per layer and change); ``strict`` refuses it."""
+    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
+    for name, want in asked.items():
+        got = plan.layer_precisions.get(name, want)
+        if got == want or (name, want, got) in seen:
+            continue
+        seen.add((name, want, got))
+        why = reasons.get(name) or f"{res.target.backend} cannot build it in {want} here"
+        if res.spec is not None and res.spec.fallback.policy == "strict":
+            raise BackendError(f"layer {name}: {why}; it would be built in {got} (refused: policy is strict)",
+                               "PRECISION_UNSUPPORTED")
+        events.emit("PRECISION_UNSUPPORTED", res.target.label, f"layer {name}: {why}; built in {got}",
+                    layer=name, requested=want, resolved=got)
+
+
 def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpec, calib: Any, val: Any,
             staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
             progress: Progress | None) -> dict[str, Any]:
@@ -148,8 +190,13 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     if spec.budget.metric not in HIGHER_IS_BETTER and spec.budget.metric not in extra:
         raise DataError(f"budget.metric {spec.budget.metric!r} is neither built in nor registered by a plugin; "
                         f"registered: {', '.join(sorted(extra)) or 'none'}")
+    if val_y is not None and ref_out[out_name].ndim >= 2:
+        check_label_range(val_y, int(ref_out[out_name].shape[-1]), f"validation data {val_source}")
     ref_metrics = {o: output_metrics(ref_out[o], ref_out[o], val_y, extra) for o in out_names}
-    check_budget(spec.budget, ref_metrics[out_name], ref_metrics[out_name], out_name)  # computable at all?
+    ref_budget = check_budget(spec.budget, ref_metrics[out_name], ref_metrics[out_name], out_name)  # computable?
+    if not ref_budget.passed:
+        raise DataError(f"the FP32 reference itself misses the budget ({ref_budget.describe()}): no artifact can "
+                        f"be verified against it; loosen budget.threshold or use a relative budget")
 
     events = Events(echo, registry.emit, warn=spec.fallback.policy == "warn")
     range_cache: dict[tuple, ActivationRanges] = {}
@@ -178,11 +225,13 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         label, rspec, backend = res.target.label, res.spec, res.backend
         ranges = ranges_for(rspec)
         sensitivity: dict[str, float] = {}
+        changed: set[tuple[str, str, str]] = set()
 
         def build_and_verify(lp: dict[str, str], i: int) -> Trial:
             stage = "build"
             try:
                 plan = backend.translate(model, rspec, res.target, lp)
+                _record_translation(res, lp, plan, changed, events)
                 plan = backend.calibrate(plan, ranges, calib_ds)
                 art = backend.build(plan, work / f"{label.replace(':', '-')}-{i}")
                 stage = "load"
@@ -230,14 +279,15 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             break
         if per_layer and not sensitivity and res.ladder[0] in QUANTIZED:
             rank([n for n, p in best.artifact.layer_precisions.items() if p == res.ladder[0]])
-        if not best.budget.passed:
-            echo(f"warning: {label}: best artifact still misses the budget ({best.budget.describe()})")
         built.append(_record(res, best, len(trials), sensitivity, staging, backend, val_x, ref_lat))
     if strict_failure:
         raise BudgetNotMet(f"accuracy budget not met and policy is strict: {strict_failure}")
     if not built:
-        raise QDeployError(f"no backend of profile {profile.name} could build this model here; events:\n  "
-                           + "\n  ".join(f"[{e['code']}] {e['target']}: {e['message']}" for e in events.items))
+        if spec.fallback.policy == "strict":  # every entry refused or failed, and strict moves on to nothing
+            raise StrictPolicyError(f"policy is strict and no backend of profile {profile.name} can build this "
+                                    f"model as specified here (the events above say why)")
+        why = "; ".join(f"{e['target']}: [{e['code']}] {e['message']}" for e in events.items)
+        raise QDeployError(f"no backend of profile {profile.name} could build this model here ({why})")
     built.sort(key=lambda a: not a["budget"]["passed"])  # verified artifacts first, in chain order
 
     ref_path = staging / "reference.onnx"

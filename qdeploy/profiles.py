@@ -80,6 +80,10 @@ class Profile:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
+KNOWN_OPTIONS = ("provider", "device", "engine", "delegate", "io_dtype", "reduce_range", "workspace_mb",
+                 "opt_batch", "max_batch", "batch", "threads")
+"""Backend options the shipped plugins read (a plugin may read more; a near miss of these is refused)."""
+
 _PROFILE_KEYS = {"name", "description", "device", "arch", "cpu_flags", "compute_capability", "notes", "backends"}
 _TARGET_KEYS = {"backend", "fast", "slow", "granularities", "weight_symmetric_only", "activation_symmetric_only",
                 "full_integer_only", "activation_dtype", "host_fallback", "options"}
@@ -100,9 +104,29 @@ def profile_from_dict(data: dict[str, Any], source: str = "") -> Profile:
             raise ProfileError(f"{where}: missing required key {key!r}")
     if data["device"] not in DEVICES:
         raise ProfileError(f"{where}: device {data['device']!r} is not one of {', '.join(DEVICES)}")
+    if not isinstance(data["backends"], list) or not all(isinstance(b, dict) for b in data["backends"]):
+        raise ProfileError(f"{where}: 'backends' must be an array of tables, one [[backends]] section per backend")
     targets = []
     for i, b in enumerate(data["backends"]):
         check_keys(b, _TARGET_KEYS, f"backends[{i}].")
+        for key in ("fast", "slow", "granularities"):
+            if key in b and (not isinstance(b[key], list) or not all(isinstance(v, str) for v in b[key])):
+                raise ProfileError(f"{where}: backends[{i}].{key} must be a list of names, e.g. [\"int8\", "
+                                   f"\"fp32\"]; got {b[key]!r}")
+        for key in ("weight_symmetric_only", "activation_symmetric_only", "full_integer_only", "host_fallback"):
+            if key in b and not isinstance(b[key], bool):
+                raise ProfileError(f"{where}: backends[{i}].{key} must be true or false, got {b[key]!r}")
+        if "activation_dtype" in b and b["activation_dtype"] not in ("int8", "uint8"):
+            raise ProfileError(f"{where}: backends[{i}].activation_dtype {b['activation_dtype']!r} is not one of "
+                               f"int8, uint8")
+        opts = b.get("options", {})
+        if not isinstance(opts, dict):
+            raise ProfileError(f"{where}: backends[{i}].options must be a table of key = value, e.g. "
+                               f"options = {{ provider = \"cpu\" }}; got {opts!r}")
+        for k in opts:  # plugins may read their own options; a near miss of a known one is a typo
+            hint = suggest(k, KNOWN_OPTIONS) if k not in KNOWN_OPTIONS else ""
+            if hint:
+                raise ProfileError(f"{where}: unknown option backends[{i}].options.{k!r}{hint}")
         for key in ("fast", "slow"):
             for p in b.get(key, ()):
                 if p not in PRECISIONS:

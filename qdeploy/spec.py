@@ -30,6 +30,8 @@ BUDGET_MODES = ("absolute", "relative")
 HIGHER_IS_BETTER = {"cosine": True, "sqnr_db": True, "top1_agreement": True, "top1_accuracy": True,
                     "max_abs": False, "mean_abs": False}
 """Built-in metrics and their direction; user metrics registered by plugins are higher-is-better."""
+BOUNDED_METRICS = {"cosine": (-1.0, 1.0), "top1_agreement": (0.0, 1.0), "top1_accuracy": (0.0, 1.0)}
+"""The value range of the bounded built-in metrics (an absolute budget outside it can never be met)."""
 
 
 def _choices(*values: object, **kw: Any) -> Any:
@@ -186,6 +188,9 @@ class QuantSpec:
         if not isinstance(data, dict):
             raise SpecError(f"spec: expected a table/mapping at the top level, got {type(data).__name__}")
         version = data.get("version", SPEC_VERSION)
+        if isinstance(version, str) and version.strip().isdigit():
+            raise SpecError(f"version: {version!r} is a string; write the number without quotes: version = "
+                            f"{SPEC_VERSION}")
         if version != SPEC_VERSION:
             raise SpecError(f"version: spec version {version!r} is not supported; this qdeploy reads version "
                             f"{SPEC_VERSION}")
@@ -208,6 +213,16 @@ def _validate(spec: QuantSpec) -> None:
         raise bad_value("budget.metric", b.metric, HIGHER_IS_BETTER)
     if not math.isfinite(b.threshold):
         raise SpecError(f"budget.threshold: {b.threshold} must be a finite number")
+    if b.mode == "relative" and b.threshold < 0:
+        raise SpecError(f"budget.threshold: {b.threshold} is negative; a relative budget is the loss allowed "
+                        f"against the FP32 reference, e.g. 0.01")
+    if b.mode == "absolute" and b.metric in BOUNDED_METRICS:
+        lo, hi = BOUNDED_METRICS[b.metric]
+        if not lo <= b.threshold <= hi:
+            raise SpecError(f"budget.threshold: {b.threshold} is outside the range of {b.metric} ({lo} to {hi}): "
+                            f"no artifact could ever meet it")
+    if b.mode == "absolute" and b.metric in ("max_abs", "mean_abs") and b.threshold < 0:
+        raise SpecError(f"budget.threshold: {b.threshold} is negative; {b.metric} is an error, at least 0")
     for i, p in enumerate(f.ladder):
         if p not in PRECISIONS:
             raise bad_value(f"fallback.ladder[{i}]", p, PRECISIONS)
@@ -311,9 +326,14 @@ def load_spec(source: str | Path | dict[str, Any] | QuantSpec | None) -> QuantSp
     path = Path(source)
     if path.suffix.lower() not in FORMATS:
         raise SpecError(f"spec file {path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    if path.is_dir():
+        raise SpecError(f"spec file {path} is a folder; give the spec file itself (.toml, .yaml or .json)")
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"spec file {path} cannot be read as UTF-8 text: {exc}") from None
     try:
         if path.suffix == ".toml":
             import tomllib

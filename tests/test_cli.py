@@ -122,9 +122,42 @@ def _bad_inputs(tmp: Path, digits_onnx: Path, digits_data: Path, bundle: Path) -
     shutil.copytree(bundle, tampered)
     art = next((tampered / "artifacts").iterdir())
     art.write_bytes(art.read_bytes()[:-1] + b"\x00")
+    val = np.load(digits_data / "val.npz")
+    np.savez(tmp / "foreign_labels.npz", input=val["input"], y=val["y"] + 100)  # labels of another task
+    float_labels = tmp / "float_labels"
+    float_labels.mkdir()
+    np.save(float_labels / "x.npy", val["input"])
+    np.save(float_labels / "y.npy", val["y"].astype(np.float32))
+    bad_label_file = tmp / "bad_label_file"
+    bad_label_file.mkdir()
+    np.save(bad_label_file / "x.npy", val["input"])
+    (bad_label_file / "y.npy").write_bytes(b"not numpy")
+    np.savez(tmp / "scalar.npz", input=np.float32(1.0))
+    np.savez(tmp / "unlabelled.npz", input=val["input"])
+    impossible = tmp / "impossible.toml"
+    impossible.write_text('[budget]\nmetric = "cosine"\nthreshold = 1.5\n')
+    above_fp32 = tmp / "above_fp32.toml"
+    above_fp32.write_text('[budget]\nmetric = "top1_accuracy"\nthreshold = 0.9999\n')
+    metric_typo = tmp / "metric_typo.toml"
+    metric_typo.write_text('[budget]\nmetric = "accuracy"\n')
+    profile = tmp / "my-device.toml"
+    profile.write_text('name = "my-device"\ndescription = "x"\ndevice = "cpu"\n[[backends]]\nbackend = '
+                       '"onnxruntime"\nfast = "int8"\n')
     calib = ["--calib", digits_data / "calib.npz"]
     deploy = ["deploy", digits_onnx, "--target", "x86-avx512-vnni"]
     return {
+        "labels of another task": ([*deploy, *calib, "--val", tmp / "foreign_labels.npz"], "label 109 is out of range"),
+        "float labels": ([*deploy, *calib, "--val", float_labels], "must be integer class indices"),
+        "unreadable labels": ([*deploy, *calib, "--val", bad_label_file], "labels file y.npy cannot be read"),
+        "scalar data": ([*deploy, *calib, "--val", tmp / "scalar.npz"], "holds a single number"),
+        "impossible budget": ([*deploy, *calib, "--spec", impossible], "outside the range of cosine"),
+        "budget above fp32": ([*deploy, *calib, "--val", digits_data / "val.npz", "--spec", above_fp32],
+                              "the FP32 reference itself misses the budget"),
+        "metric typo": (["spec", metric_typo], "did you mean 'top1_accuracy'"),
+        "bad profile file": (["deploy", digits_onnx, "--target", profile, *calib], "must be a list of names"),
+        "verify unlabelled": (["verify", bundle, "--val", tmp / "unlabelled.npz"], "has no labels"),
+        "port out of range": (["serve", bundle, "--port", "70000"], "is not a TCP port"),
+        "unknown flag": (["deploy", digits_onnx, "--calibration", "x"], "unrecognized arguments"),
         "missing model": (["deploy", tmp / "nope.onnx", *calib], "does not exist"),
         "corrupt onnx": (["deploy", corrupt, *calib], "not a valid ONNX model"),
         "spec typo": ([*deploy, "--spec", typo, *calib], "did you mean 'entropy'"),
@@ -141,7 +174,10 @@ def _bad_inputs(tmp: Path, digits_onnx: Path, digits_data: Path, bundle: Path) -
 
 
 CASES = ["missing model", "corrupt onnx", "spec typo", "unknown profile", "wrong shape", "nan", "empty folder",
-         "no calibration", "missing input shape", "bad input shape", "tampered bundle", "not a bundle"]
+         "no calibration", "missing input shape", "bad input shape", "tampered bundle", "not a bundle",
+         "labels of another task", "float labels", "unreadable labels", "scalar data", "impossible budget",
+         "budget above fp32", "metric typo", "bad profile file", "verify unlabelled", "port out of range",
+         "unknown flag"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -151,7 +187,10 @@ def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, digits_onnx
     if argv[0] == "deploy":
         argv = [*argv, "-o", out_dir]
     before = set(tmp_path.iterdir())
-    code, out, err = run(capsys, *argv)
+    try:
+        code, out, err = run(capsys, *argv)
+    except SystemExit as exc:  # argparse's own errors (one line, exit 2, from the project's parser)
+        code, (out, err) = exc.code, capsys.readouterr()
     lines = [l for l in err.strip().splitlines() if l]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("qdeploy: error:"), err
@@ -159,6 +198,13 @@ def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, digits_onnx
     assert "Traceback" not in err + out
     assert not out_dir.exists()
     assert set(tmp_path.iterdir()) == before  # no staging folder left behind
+
+
+def test_an_output_folder_that_cannot_exist_is_one_error(capsys, tmp_path, digits_onnx, digits_data):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "deploy", digits_onnx, "--target", "x86-avx512-vnni", "--calib",
+                       digits_data / "calib.npz", "-o", tmp_path / "afile" / "sub")
+    assert code == 2 and "cannot write a bundle" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_installed_command_exits_2_without_traceback(tmp_path):

@@ -15,6 +15,7 @@ from qdeploy.spec import ActivationSpec, FallbackSpec, LayerOverride, PerGroup, 
 from conftest import ROOT
 
 SENSITIVE = f"{ROOT / 'examples' / 'digits.py'}:build_sensitive_model"
+DIGITS = f"{ROOT / 'examples' / 'digits.py'}:build_model"
 # 0.99 on the 597 validation images allows 5 flips: enough slack that the ordinary INT8 noise of whatever model
 # this machine trained passes, while the outlier channel (about 0.93 agreement) cannot.
 THRESHOLD = 0.99
@@ -75,6 +76,50 @@ def test_trial_and_time_budgets_bound_the_loop_and_keep_the_best(tmp_path, digit
     assert stop and "trial/time budget spent" in stop[0]["message"]
     assert stop[0]["metric"] == "top1_agreement" and stop[0]["budget"] == pytest.approx(THRESHOLD)
     assert not art["budget"]["passed"]  # kept, and marked as failing: never silently passed
+    keep = [e for e in b.manifest["events"] if e.get("action") == "keep"]
+    assert keep and keep[0]["code"] == "ACCURACY_BELOW_BUDGET" and keep[0]["value"] < keep[0]["budget"]
+
+
+def test_a_layer_the_backend_builds_higher_than_asked_is_an_event_or_refused(tmp_path, digits_data):
+    """Dynamic INT8 in onnxruntime quantizes MatMul/Gemm only: each convolution kept in FP32 is a
+    PRECISION_UNSUPPORTED event with the layer (manifest and `check` agree); strict refuses it."""
+    spec = {"activations": {"mode": "dynamic"}}
+    kw = dict(target="x86-avx512-vnni", spec=spec, calib=digits_data / "calib.npz", val=digits_data / "val.npz",
+              input_shape="1x1x8x8", backends=["onnxruntime"])
+    b = qdeploy.deploy(DIGITS, output=tmp_path / "b", **kw)
+    moved = {e["layer"]: e for e in b.manifest["events"] if e["code"] == "PRECISION_UNSUPPORTED"}
+    assert set(moved) == {"conv1", "conv2", "conv3"}
+    assert all((e["requested"], e["resolved"]) == ("int8", "fp32") for e in moved.values())
+    assert b.artifacts[0]["layer_precisions"] == {"conv1": "fp32", "conv2": "fp32", "conv3": "fp32",
+                                                  "fc1": "int8", "fc2": "int8"}
+    report = qdeploy.check(DIGITS, target="x86-avx512-vnni", spec=spec, input_shape="1x1x8x8",
+                           backends=["onnxruntime"])
+    entry = report["entries"][0]
+    assert entry["layers"] == b.artifacts[0]["layer_precisions"]
+    assert {e["layer"] for e in entry["events"] if e["code"] == "PRECISION_UNSUPPORTED"} == set(moved)
+    from qdeploy.errors import StrictPolicyError
+    with pytest.raises(StrictPolicyError, match="refused: policy is strict"):
+        qdeploy.deploy(DIGITS, output=tmp_path / "strict", policy="strict", **kw)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_a_rung_the_backend_cannot_build_is_skipped_not_a_dead_end(tmp_path, digits_data):
+    """A profile where onnxruntime runs FP16 fast: the ladder says int8 -> fp16, but one ONNX Runtime model
+    cannot mix INT8 and FP16 layers, so promoted layers are built in FP32 (an event each) and the loop goes
+    on until the budget holds, instead of stopping at the first FP16 promotion."""
+    from qdeploy.profiles import profile_from_dict
+
+    prof = profile_from_dict({"name": "cpu-fp16", "description": "test", "device": "cpu",
+                              "backends": [{"backend": "onnxruntime", "fast": ["int8", "fp16", "fp32"]}]})
+    b = qdeploy.deploy(SENSITIVE, target=prof, spec=TIGHT, calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8")
+    art = b.artifacts[0]
+    assert art["budget"]["passed"]
+    promoted = [e for e in b.manifest["events"] if e.get("action") == "promote"]
+    assert promoted and all(e["to"] == "fp16" for e in promoted)
+    moved = [e for e in b.manifest["events"] if e["code"] == "PRECISION_UNSUPPORTED"]
+    assert {e["layer"] for e in moved} == {e["layer"] for e in promoted}
+    assert all(art["layer_precisions"][e["layer"]] == "fp32" for e in moved)
 
 
 def test_climb_order():

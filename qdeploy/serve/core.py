@@ -86,6 +86,7 @@ class Slot:
     errors: int = 0
     outcomes: deque = field(default_factory=deque)  # True = error, for the breaker
     last_drift: dict[str, Any] | None = None
+    budget_passed: bool = True  # False: the deploy kept it although it missed the accuracy budget
 
     @property
     def is_reference(self) -> bool:
@@ -94,7 +95,7 @@ class Slot:
     def describe(self) -> dict[str, Any]:
         d = {"id": self.id, "backend": self.backend, "precision": self.precision, "state": self.state,
              "reason": self.reason, "detail": self.detail, "served": self.served, "errors": self.errors,
-             "final_fallback": self.is_reference}
+             "final_fallback": self.is_reference, "budget_passed": self.budget_passed}
         if self.drift is not None:
             d["drift_rule"] = self.drift.describe()
         if self.last_drift is not None:
@@ -144,7 +145,9 @@ class FallbackModel:
         self.drift_sample, self.drift_window, self.warmup_rtol = drift_sample, drift_window, warmup_rtol
         arts = bundle.artifacts[:1] if policy == "strict" else bundle.artifacts
         self.slots = [Slot(a["id"], a["backend"], a["precision"], a["id"], i, drift_rule(a, m),
-                           outcomes=deque(maxlen=breaker_window)) for i, a in enumerate(arts)]
+                           outcomes=deque(maxlen=breaker_window),
+                           budget_passed=bool((a.get("budget") or {}).get("passed", True)))
+                      for i, a in enumerate(arts)]
         if reference_fallback and policy != "strict":
             ref_id = REFERENCE_ID if REFERENCE_ID not in {s.id for s in self.slots} else "reference"
             self.slots.append(Slot(ref_id, "onnxruntime", "fp32", "reference", None,
@@ -258,6 +261,9 @@ class FallbackModel:
             if current is None:
                 self._active = slot
                 log.info("%s: serving with %s (%s, %s)", self.name, slot.id, slot.backend, slot.precision)
+                if not slot.budget_passed:
+                    log.warning("%s: %s missed its accuracy budget at deploy time (the bundle kept it as the best "
+                                "it found); see GET /v2/models/%s", self.name, slot.id, self.name)
             elif self.slots.index(slot) < self.slots.index(current):
                 # a demotion happened while this earlier link was still loading: the chain's order wins
                 self._active = slot
@@ -422,6 +428,7 @@ class FallbackModel:
         return {"name": self.name, "policy": self.policy, "ready": active is not None,
                 "active_artifact": active.id if active else None,
                 "active_precision": active.precision if active else None,
+                "active_budget_passed": active.budget_passed if active else None,
                 "failure": self.failure, "loading": not self._loaded.is_set(),
                 "chain": [s.describe() for s in self.slots],
                 "events": [e.as_dict() for e in self.events],

@@ -66,9 +66,13 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendError("this model is already quantized (it has QuantizeLinear/DequantizeLinear nodes): "
                                    "its layers' precisions are fixed by them", "PRECISION_UNSUPPORTED")
             return Plan(self.name, model, spec, target, {n: "int8" for n in lp}, state={"prequantized": True})
+        reasons: dict[str, str] = {}
         if "int8" in used and ({"fp16", "bf16"} & used):
-            raise BackendError("onnxruntime cannot mix INT8 and FP16 layers in one model; keep the float layers "
-                               "in fp32", "PRECISION_UNSUPPORTED")
+            for name, p in lp.items():  # the core records each change as a PRECISION_UNSUPPORTED event
+                if p in ("fp16", "bf16"):
+                    lp[name] = "fp32"
+                    reasons[name] = f"onnxruntime cannot mix INT8 and {p.upper()} layers in one model"
+            used = set(lp.values())
         if used & {"bf16", "fp8"}:
             raise BackendError(f"onnxruntime builds int8/fp16/fp32 only, not {sorted(used & {'bf16', 'fp8'})}",
                                "PRECISION_UNSUPPORTED")
@@ -77,10 +81,12 @@ class OnnxRuntimeBackend(Backend):
             for name, layer in model.layers.items():  # never dynamic INT8 for convolutions (measured slow)
                 if lp[name] == "int8" and layer.op_type not in DYNAMIC_OPS:
                     lp[name] = "fp32"
+                    reasons[name] = (f"dynamic INT8 in onnxruntime is for {'/'.join(DYNAMIC_OPS)} only "
+                                     f"({layer.op_type} measured slower than FP32); use static activations")
         if "int8" in used and mode == "none":
             raise BackendError("weight-only INT8 is not an onnxruntime format; use static or dynamic activations",
                                "PRECISION_UNSUPPORTED")
-        return Plan(self.name, model, spec, target, lp)
+        return Plan(self.name, model, spec, target, lp, state={"layer_reasons": reasons})
 
     def build(self, plan: Plan, workdir: Path) -> Artifact:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +104,11 @@ class OnnxRuntimeBackend(Backend):
         elif "int8" in used:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(plan.model.onnx_path), str(out), op_types_to_quantize=list(DYNAMIC_OPS),
-                             per_channel=plan.spec.weights.granularity.type == "per_channel",
-                             weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
-                             extra_options={"WeightSymmetric": plan.spec.weights.symmetric})
+            with quiet(""):  # ORT logs a pre-processing hint at WARNING on every call
+                quantize_dynamic(str(plan.model.onnx_path), str(out), op_types_to_quantize=list(DYNAMIC_OPS),
+                                 per_channel=plan.spec.weights.granularity.type == "per_channel",
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
+                                 extra_options={"WeightSymmetric": plan.spec.weights.symmetric})
             meta["format"] = "dynamic"
         elif "fp16" in used:
             import onnx

@@ -163,6 +163,7 @@ class TFLiteBackend(Backend):
             raise BackendError(f"layers {floats} would run in float, which this device cannot (full-integer "
                                f"only)", "PRECISION_UNSUPPORTED")
         modules = dict(model.torch_module.named_modules())
+        reasons: dict[str, str] = {}
         if "int8" in used:
             kind = "static" if mode == "static" else "dynamic"
             missing = [n for n, p in lp.items() if p != "int8" and n not in modules]
@@ -171,7 +172,8 @@ class TFLiteBackend(Backend):
                                    f"keep them in float", "PRECISION_UNSUPPORTED")
             for n, p in lp.items():  # float layers inside an INT8 model run in FP32 (TFLite has no mixed FP16)
                 if p == "fp16":
-                    lp[n] = "fp32"
+                    lp[n] = "fp32"  # the core records the change as a PRECISION_UNSUPPORTED event
+                    reasons[n] = "a TFLite INT8 model keeps its float layers in FP32 (no FP16 layers beside INT8)"
         elif "fp16" in used:
             kind = "fp16"
         else:
@@ -180,7 +182,8 @@ class TFLiteBackend(Backend):
         if io_dtype not in ("float32", "int8"):
             raise BackendError(f"target option io_dtype={io_dtype!r}: use \"float32\" or \"int8\"", "BUILD_FAILED")
         state = {"kind": kind, "io_dtype": io_dtype if kind == "static" else "float32",
-                 "float_modules": sorted(n for n, p in lp.items() if p != "int8"), "full_integer": full_integer}
+                 "float_modules": sorted(n for n, p in lp.items() if p != "int8"), "full_integer": full_integer,
+                 "layer_reasons": reasons}
         return Plan(self.name, model, spec, target, lp, state=state)
 
     def calibrate(self, plan: Plan, ranges: Any, data: Any) -> Plan:

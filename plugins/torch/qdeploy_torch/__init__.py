@@ -132,10 +132,13 @@ class TorchBackend(Backend):
                 if spec.weights.bits != 8:
                     raise BackendError(f"dynamic INT8 takes 8-bit weights, not {spec.weights.bits}-bit",
                                        "PRECISION_UNSUPPORTED")
+                reasons = state.setdefault("layer_reasons", {})
                 for name, layer in model.layers.items():  # convolutions stay fp32 under dynamic INT8
                     if lp.get(name) == "int8" and (layer.op_type not in DYNAMIC_OPS or
                                                    torch_layer(name, modules) is None):
-                        lp[name] = "fp32"
+                        lp[name] = "fp32"  # the core records the change as a PRECISION_UNSUPPORTED event
+                        reasons[name] = (f"dynamic INT8 in torch quantizes Linear/LSTM/GRU only, not "
+                                         f"{layer.op_type}; use static activations")
                 state["path"] = "dynamic"
             else:
                 from .quantize import PT2E_ENGINES, activation_qrange, check_weights
