@@ -76,6 +76,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"profile {result['profile']}: {result['model']} ({result['layers']} quantizable layers)")
+    for w in result["warnings"]:
+        print(f"  warning: {w}")
     for e in result["entries"]:
         if e["runnable"]:
             counts: dict[str, int] = {}

@@ -94,7 +94,9 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
                 "events": [{"code": c, "message": m, **d} for c, m, d in res.events],
                 "warnings": res.warnings, "layers": layers})
     return {"profile": profile.name, "notes": list(profile.notes), "model": handle.source,
-            "layers": len(handle.layers), "entries": entries}
+            "layers": len(handle.layers), "entries": entries,
+            "warnings": [f"spec {t}" for t in spec.unmatched_overrides({n: layer.op_type
+                                                                       for n, layer in handle.layers.items()})]}
 
 
 def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, calib: Any = None, val: Any = None,
@@ -170,6 +172,8 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
             progress: Progress | None) -> dict[str, Any]:
     model = load_model(model_src, staging / "reference.onnx", input_shape)
+    for text in spec.unmatched_overrides({n: layer.op_type for n, layer in model.layers.items()}):
+        echo(f"warning: spec {text}")
     calib_ds = open_data(calib, model, "calibration", spec.calibration)
     val_ds = open_data(val, model, "validation")
     resolutions = _resolutions(profile, registry, model, spec, only)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 import json
 import math
 import typing
@@ -170,6 +171,19 @@ class QuantSpec:
             if fnmatch.fnmatchcase(layer, ov.match) and (not ov.op_type or ov.op_type == op_type):
                 chosen = ov.precision
         return chosen
+
+    def unmatched_overrides(self, layers: Mapping[str, str]) -> list[str]:
+        """The overrides that match none of ``layers`` (name -> ONNX op type), described for a warning: most
+        often a typo in ``match`` or an op type written in another case (``conv`` for ``Conv``)."""
+        out = []
+        for i, ov in enumerate(self.overrides):
+            if not any(fnmatch.fnmatchcase(n, ov.match) and (not ov.op_type or ov.op_type == t)
+                       for n, t in layers.items()):
+                ops = sorted(set(layers.values()))
+                hint = suggest(ov.op_type, ops) if ov.op_type and ov.op_type not in ops else ""
+                out.append(f"overrides[{i}] (match={ov.match!r}{f', op_type={ov.op_type!r}' if ov.op_type else ''})"
+                           f" matches no layer of this model{hint}; layers: {', '.join(sorted(layers))}")
+        return out
 
     @property
     def uses_quantized(self) -> bool:

@@ -78,3 +78,13 @@ def test_dumped_toml_is_readable_by_users():
 def test_specs_are_frozen():
     with pytest.raises(Exception):
         QuantSpec().precision = "fp16"  # type: ignore[misc]
+
+
+def test_an_override_that_matches_no_layer_is_named_with_a_hint():
+    spec = QuantSpec(overrides=(LayerOverride(precision="fp32", match="*", op_type="conv"),
+                                LayerOverride(precision="fp32", match="fc*")))
+    layers = {"conv1": "Conv", "fc1": "Gemm"}
+    [text] = spec.unmatched_overrides(layers)
+    assert text.startswith("overrides[0]") and "did you mean 'Conv'" in text
+    assert [t[:12] for t in spec.unmatched_overrides({"conv1": "Conv"})] == ["overrides[0]", "overrides[1]"]
+    assert QuantSpec(overrides=(LayerOverride(match="conv*"),)).unmatched_overrides(layers) == []
