@@ -559,7 +559,9 @@ def test_cli_serve_answers_with_the_int8_artifact(base_bundle, val_inputs):
 
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qdeploy.cli", "serve", str(base_bundle), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "qdeploy.cli", "serve", str(base_bundle), "--port", str(port),
+                             "--name", "digits", "--policy", "strict", "--drift-sample", "0.5", "--drift-window",
+                             "32", "--breaker-errors", "2"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -574,8 +576,13 @@ def test_cli_serve_answers_with_the_int8_artifact(base_bundle, val_inputs):
 
         assert _wait(ready, timeout=60, step=0.2) and proc.poll() is None, \
             proc.stderr.read() if proc.poll() is not None else "not ready"
-        r = httpx.post(f"{url}/v2/models/{base_bundle.name}/infer", json=_infer_body(val_inputs[:2]), timeout=10)
+        r = httpx.post(f"{url}/v2/models/digits/infer", json=_infer_body(val_inputs[:2]), timeout=10)
         assert r.status_code == 200 and r.json()["parameters"]["artifact"] == INT8_ID
+        meta = httpx.get(f"{url}/v2/models/digits", timeout=10).json()  # the flags reached the core
+        assert meta["policy"] == "strict" and meta["active_artifact"] == INT8_ID and meta["active_budget_passed"]
+        assert [link["id"] for link in meta["chain"]] == [INT8_ID]  # strict: no demotion targets, no reference
+        assert meta["drift_guard"]["sample"] == 0.5 and meta["drift_guard"]["window"] == 32
+        assert httpx.get(f"{url}/v2/models/demo", timeout=10).status_code == 404
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -173,7 +173,8 @@ def create_app(model: FallbackModel, max_body: int = DEFAULT_MAX_BODY) -> Any:
         st = model.status()
         return {"name": model.name, "versions": [VERSION], "platform": "qdeploy",
                 "inputs": tensor_metadata(model.inputs), "outputs": tensor_metadata(model.outputs),
-                "active_artifact": st["active_artifact"], "ready": st["ready"], "policy": st["policy"],
+                "active_artifact": st["active_artifact"], "active_budget_passed": st["active_budget_passed"],
+                "ready": st["ready"], "policy": st["policy"],
                 "failure": st["failure"], "chain": st["chain"], "events": st["events"],
                 "drift_guard": st["drift_guard"]}
 
