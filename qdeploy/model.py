@@ -98,10 +98,12 @@ def load_model(model: Any, reference_path: Path, input_shape: Any = None) -> Mod
             return _from_onnx_file(Path(text), reference_path)
         if text.endswith(".pt2"):
             return _from_torch(_load_pt2(Path(text)), text, reference_path, shape)
+        if text.endswith(TORCHSCRIPT_SUFFIXES):
+            return _from_torchscript(Path(text), reference_path, shape)
         if ":" in text:
             return _from_torch(_load_factory(text), text, reference_path, shape)
-        raise ModelError(f"model {text!r}: give an .onnx file, a .pt2 file, or a PyTorch factory as "
-                         f"file.py:function or package.module:attr")
+        raise ModelError(f"model {text!r}: give an .onnx file, a .pt2 file, a TorchScript file (.pt/.ts), or a "
+                         f"PyTorch factory as file.py:function or package.module:attr")
     if type(model).__module__.startswith("onnx") and hasattr(model, "graph"):
         import onnx
         reference_path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +226,51 @@ def _load_pt2(path: Path) -> Any:
         return torch.export.load(str(path)).module()
     except Exception as exc:
         raise ModelError(f"{path} is not a loadable torch.export program: {exc}") from None
+
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
+
+
+def _from_torchscript(path: Path, reference_path: Path, shape: tuple[int, ...] | None) -> ModelHandle:
+    """A TorchScript archive (``torch.jit.save``): exported with torch's TorchScript-based ONNX exporter
+    (``torch.export`` cannot trace a ScriptModule). The handle is ONNX-only: the torch and TFLite backends
+    need an ``nn.Module`` they can re-trace and say so with ``MODEL_FORMAT_UNSUPPORTED``."""
+    import onnx
+    import torch
+
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    if shape is None:
+        raise ModelError(f"a TorchScript model needs --input-shape (with the batch dimension), e.g. 1x3x32x32, "
+                         f"for {path}")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise ModelError(f"{path} is not a TorchScript archive ({type(exc).__name__}); save the model with "
+                         f"torch.jit.save, or give a factory (file.py:function) or a torch.export .pt2") from None
+    example = torch.randn(*shape)
+    try:
+        with torch.no_grad():
+            result = module(example)
+    except Exception as exc:
+        raise ModelError(f"{path} fails on an input of shape {'x'.join(map(str, shape))}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}; check --input-shape") from None
+    reference_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = reference_path.with_suffix(".export.onnx")
+    n_out = len(result) if isinstance(result, (tuple, list)) else 1
+    names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    try:
+        with quiet("torch.onnx"):
+            torch.onnx.export(module, (example,), str(tmp), dynamo=False, input_names=["input"],
+                              output_names=names, dynamic_axes={"input": {0: "batch"},
+                                                                **{n: {0: "batch"} for n in names}})
+        proto = onnx.load(str(tmp))
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot export the TorchScript model {path} to ONNX: {msg}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _finish(proto, reference_path, str(path), "torchscript", sha256_file(path), None)
 
 
 def _from_torch(module: Any, source: str, reference_path: Path, shape: tuple[int, ...] | None) -> ModelHandle:

@@ -156,9 +156,12 @@ def _bad_inputs(tmp: Path, digits_onnx: Path, digits_data: Path, bundle: Path) -
     profile = tmp / "my-device.toml"
     profile.write_text('name = "my-device"\ndescription = "x"\ndevice = "cpu"\n[[backends]]\nbackend = '
                        '"onnxruntime"\nfast = "int8"\n')
+    (tmp / "weights.pt").write_bytes(b"a pickled state_dict, not a TorchScript archive")
     calib = ["--calib", digits_data / "calib.npz"]
     deploy = ["deploy", digits_onnx, "--target", "x86-avx512-vnni"]
     return {
+        "not torchscript": (["deploy", tmp / "weights.pt", "--input-shape", "1x1x8x8", *calib],
+                            "is not a TorchScript archive"),
         "labels of another task": ([*deploy, *calib, "--val", tmp / "foreign_labels.npz"], "label 109 is out of range"),
         "float labels": ([*deploy, *calib, "--val", float_labels], "must be integer class indices"),
         "unreadable labels": ([*deploy, *calib, "--val", bad_label_file], "labels file y.npy cannot be read"),
@@ -190,7 +193,7 @@ CASES = ["missing model", "corrupt onnx", "spec typo", "unknown profile", "wrong
          "no calibration", "missing input shape", "bad input shape", "tampered bundle", "not a bundle",
          "labels of another task", "float labels", "unreadable labels", "scalar data", "impossible budget",
          "budget above fp32", "metric typo", "bad profile file", "verify unlabelled", "port out of range",
-         "unknown flag"]
+         "unknown flag", "not torchscript"]
 
 
 @pytest.mark.parametrize("case", CASES)

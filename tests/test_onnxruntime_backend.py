@@ -99,3 +99,27 @@ def test_a_model_with_external_weights_deploys(tmp_path, mlp_data):
     # the bundle is self-contained: its reference carries the weights
     ref = onnx.load(str(b.path / "reference.onnx"))
     assert {"w1", "w2"} <= {t.name for t in ref.graph.initializer}
+
+
+def test_a_torchscript_model_deploys_through_onnx(tmp_path):
+    """A TorchScript archive goes through torch's TorchScript ONNX exporter; backends that must re-trace an
+    nn.Module (torch, TFLite) say MODEL_FORMAT_UNSUPPORTED and the chain moves on."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(144, 3)).eval()
+    torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", input=x)
+    b = qdeploy.deploy(str(tmp_path / "net.pt"), target="x86-avx512-vnni", calib=tmp_path / "data.npz",
+                       input_shape="1x1x8x8", output=tmp_path / "b")
+    assert b.manifest["model"]["format"] == "torchscript"
+    assert [a["backend"] for a in b.artifacts] == ["onnxruntime"]
+    assert b.artifacts[0]["precision"] == "int8" and b.artifacts[0]["metrics"]["cosine"] >= 0.99
+    skipped = {e["target"] for e in b.manifest["events"] if e["code"] == "MODEL_FORMAT_UNSUPPORTED"}
+    assert {"torch:x86", "tflite:xnnpack"} <= skipped
+    with torch.no_grad():  # the reference is the TorchScript model's own function
+        want = net(torch.from_numpy(x[:4])).numpy()
+    ref = b.reference_runner()
+    np.testing.assert_allclose(ref.infer({"input": x[:4]})["output"], want, rtol=1e-4, atol=1e-5)
+    ref.close()
