@@ -50,14 +50,8 @@ def prepare_output(output: Path) -> Path:
     except OSError as exc:
         raise BundleError(f"cannot write a bundle at {output}: {exc.strerror or exc} ({exc.filename or output.parent}); "
                           f"choose a writable -o folder") from None
-    staging.chmod(0o755 & ~_umask())  # mkdtemp makes it private; a bundle is read by servers and other users
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by servers and other users
     return staging
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def commit(staging: Path, output: Path) -> None:

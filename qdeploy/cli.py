@@ -103,7 +103,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .calibration import check_label_range, open_data
     from .model import ModelHandle, TensorInfo
     from .spec import QuantSpec
-    from .verify import check_budget, output_metrics, run_all
+    from .verify import check_budget, is_classifier, output_metrics, run_all
 
     bundle = Bundle.load(args.bundle)
     m = bundle.manifest
@@ -125,9 +125,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ref_runner = bundle.reference_runner()
     ref = run_all(ref_runner, x)
     ref_runner.close()
-    if y is not None and ref[out_name].ndim >= 2:
+    if y is not None and is_classifier(ref[out_name]):
         check_label_range(y, int(ref[out_name].shape[-1]), f"validation data {args.val}")
-    ref_metrics = output_metrics(ref[out_name], ref[out_name], y)
+    extra = _registry().metrics  # plugin metrics: a budget may be one of them
+    ref_metrics = output_metrics(ref[out_name], ref[out_name], y, extra)
     status, checked = 0, 0
     for art in bundle.artifacts:
         try:
@@ -139,12 +140,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             out = run_all(runner, x)
         finally:
             runner.close()
-        metrics = output_metrics(ref[out_name], out[out_name], y)
+        metrics = output_metrics(ref[out_name], out[out_name], y, extra)
         if budget.metric in metrics:
             res = check_budget(budget, metrics, ref_metrics, out_name)
             verdict, detail = ("pass" if res.passed else "FAIL"), res.describe()
         else:  # a label metric without labels: the artifact must still give the outputs it was verified with
             verdict, detail = _matches_verified(stored, art["id"], out_name, out[out_name], budget.metric)
+            if verdict == "pass" and not (art.get("budget") or {}).get("passed", True):
+                verdict, detail = "FAIL", (f"{detail}; but it missed its budget when deployed "
+                                           f"({(art.get('budget') or {}).get('metric')} "
+                                           f"{(art.get('budget') or {}).get('value')} vs "
+                                           f"{(art.get('budget') or {}).get('budget')}): kept as the best found")
         checked += 1
         if verdict == "FAIL":
             status = 1

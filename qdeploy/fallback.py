@@ -227,15 +227,19 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
     ranking: list[str] | None = None
     current = dict(layer_precisions)
     step: tuple[str, str, str] | None = None
+    attempts = 0  # builds tried, skipped rungs included: they count against the trial and time budgets
     while True:
+        attempts += 1
         try:
-            trial = build_and_verify(current, len(trials))
+            trial = build_and_verify(current, attempts - 1)
         except BackendError as exc:
             if not trials:
                 raise
             layer, _, new = step if step else (None, None, None)
             higher = res.ladder[res.ladder.index(new) + 1:] if new in res.ladder else ()
-            if exc.code == "PRECISION_UNSUPPORTED" and layer and higher and spec.fallback.policy != "strict":
+            within = attempts <= spec.fallback.max_trials and time.monotonic() - start <= spec.fallback.time_budget_s
+            if exc.code == "PRECISION_UNSUPPORTED" and layer and higher and within and \
+                    spec.fallback.policy != "strict":
                 # this backend cannot build that rung here: the layer skips it and climbs on
                 events.emit(exc.code, label, f"{exc} (layer {layer} in {new}); skipping {new} for it: "
                             f"{new} -> {higher[0]}", layer=layer, requested=new, resolved=higher[0])
@@ -259,7 +263,7 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
             events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; policy is strict: no fallback",
                         action="fail", **details)
             break
-        if len(trials) > spec.fallback.max_trials or elapsed > spec.fallback.time_budget_s:
+        if attempts > spec.fallback.max_trials or elapsed > spec.fallback.time_budget_s:
             events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; trial/time budget spent "
                         f"({len(trials) - 1} promotions, {elapsed:.0f} s): keeping the best artifact found",
                         action="stop", **details)

@@ -23,7 +23,7 @@ from .profiles import Profile, detect_profile_name, load_profile_file
 from .report import markdown_report
 from .simulate import layer_sensitivity
 from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
-from .verify import budget_output, check_budget, latency_ms, output_metrics, run_all
+from .verify import budget_output, check_budget, is_classifier, latency_ms, output_metrics, run_all
 
 Echo = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -142,11 +142,17 @@ def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> 
         res.spec = None
         return {}
     reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
+    strict = res.spec.fallback.policy == "strict"
     for name, want in layers.items():
         got = plan.layer_precisions.get(name, want)
         if got != want:
-            res.note("PRECISION_UNSUPPORTED", f"layer {name}: {reasons.get(name) or 'not buildable in ' + want}; "
-                     f"built in {got}", layer=name, requested=want, resolved=got)
+            why = reasons.get(name) or f"{res.target.backend} cannot build it in {want} here"
+            res.note("PRECISION_UNSUPPORTED", f"layer {name}: {why}; "
+                     + (f"it would be built in {got} (refused: policy is strict)" if strict else f"built in {got}"),
+                     layer=name, requested=want, resolved=got)
+            if strict:  # as the deploy would: refused, this entry does not run
+                res.spec = None
+                return {}
     return dict(plan.layer_precisions)
 
 
@@ -194,7 +200,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     if spec.budget.metric not in HIGHER_IS_BETTER and spec.budget.metric not in extra:
         raise DataError(f"budget.metric {spec.budget.metric!r} is neither built in nor registered by a plugin; "
                         f"registered: {', '.join(sorted(extra)) or 'none'}")
-    if val_y is not None and ref_out[out_name].ndim >= 2:
+    if val_y is not None and is_classifier(ref_out[out_name]):  # labels index its classes
         check_label_range(val_y, int(ref_out[out_name].shape[-1]), f"validation data {val_source}")
     ref_metrics = {o: output_metrics(ref_out[o], ref_out[o], val_y, extra) for o in out_names}
     ref_budget = check_budget(spec.budget, ref_metrics[out_name], ref_metrics[out_name], out_name)  # computable?

@@ -102,6 +102,12 @@ def profile_from_dict(data: dict[str, Any], source: str = "") -> Profile:
     for key in ("name", "description", "device", "backends"):
         if key not in data:
             raise ProfileError(f"{where}: missing required key {key!r}")
+    for key in ("notes", "cpu_flags"):
+        if key in data and (not isinstance(data[key], list) or not all(isinstance(v, str) for v in data[key])):
+            raise ProfileError(f"{where}: {key} must be a list of strings, got {data[key]!r}")
+    for key in ("name", "description", "device", "arch", "compute_capability"):
+        if key in data and not isinstance(data[key], str):
+            raise ProfileError(f"{where}: {key} must be a string, got {data[key]!r}")
     if data["device"] not in DEVICES:
         raise ProfileError(f"{where}: device {data['device']!r} is not one of {', '.join(DEVICES)}")
     if not isinstance(data["backends"], list) or not all(isinstance(b, dict) for b in data["backends"]):
@@ -151,7 +157,7 @@ def load_profile_file(path: str | Path) -> Profile:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ProfileError(f"cannot read hardware profile {path}: {exc}") from None
     return profile_from_dict(data, str(path))
 

@@ -537,6 +537,26 @@ def test_a_link_ready_after_a_demotion_takes_over_in_chain_order(drift_bundle):
         model.close()
 
 
+def test_drift_found_while_the_chain_loads_waits_for_the_next_link(drift_bundle):
+    """The guard watches from the first request; a drift found while nothing after the artifact is warm yet
+    does not leave the model without an answer: it keeps serving and is demoted once the next link is ready."""
+    from qdeploy.serve import FallbackModel
+
+    model = FallbackModel(drift_bundle, drift_sample=0)
+    try:
+        samples = model.bundle.samples()
+        first, second = model.slots[0], model.slots[1]
+        model._load(first, samples)
+        model._on_drift(first, "top-1 disagreement 0.9 exceeds 0.01")
+        assert model.active == first.id and first.state == "ready" and not model.events  # still answering
+        model._load(second, samples)
+        assert model.active == INT8_ID and first.state == "failed" and first.reason == "DRIFT_DETECTED"
+        [ev] = model.events
+        assert ev.code == "DRIFT_DETECTED" and f"now serving {INT8_ID}" in ev.message
+    finally:
+        model.close()
+
+
 def test_drift_guard_keeps_a_healthy_artifact(base_bundle):
     """A healthy INT8 artifact on 256 distinct validation images, windows of 64: one or two flips against FP32
     (what any trained model may show) stay inside the budget, so the guard never demotes."""

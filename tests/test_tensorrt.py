@@ -243,6 +243,34 @@ def test_mixed_int8_and_fp8_layers_keep_their_own_pair_types(residual, tmp_path)
     assert art.meta["builder_flags"][:3] == ["INT8", "FP8", "FP16"]
 
 
+@pytest.mark.parametrize("int8,fp8", [([], ["g1", "g2"]), (["g1"], ["g2"]), (["g2"], ["g1"])])
+def test_a_weight_shared_by_two_layers_gets_a_pair_of_each_layers_type(tmp_path, int8, fp8):
+    """ORT gives a weight read by two layers one Q/DQ pair; an FP8 layer gets its own clone of it, so an INT8
+    and an FP8 reader each see their type, and nothing is left unused."""
+    from qdeploy_tensorrt.qdq import write_qdq_model
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="g1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w"], ["y"], name="g2", transB=1)]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    ranges = {"x": (-3.0, 3.0), "r": (0.0, 5.0)}
+    write_qdq_model(tmp_path / "m.onnx", tmp_path / "q.onnx", ranges, int8, True, tmp_path, fp8)
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(proto)
+    assert check_rules(proto, int8, fp8_nodes=fp8) == []
+    used = {i for n in proto.graph.node for i in n.input}
+    assert {t.name for t in proto.graph.initializer} <= used
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(str(tmp_path / "q.onnx"), opts).run(None, {"x": np.ones((2, 8), np.float32)})
+
+
 def test_fp8_needs_sm89_and_climbs_on_older_gpus(residual):
     handle = residual[0]
     spec = QuantSpec(precision="fp8", activations=ActivationSpec(symmetric=True))

@@ -87,6 +87,7 @@ class Slot:
     outcomes: deque = field(default_factory=deque)  # True = error, for the breaker
     last_drift: dict[str, Any] | None = None
     budget_passed: bool = True  # False: the deploy kept it although it missed the accuracy budget
+    pending: tuple[str, str] | None = None  # a demotion waiting for the next link's warm-up (code, message)
 
     @property
     def is_reference(self) -> bool:
@@ -225,6 +226,8 @@ class FallbackModel:
             if self._active is None and not self.failure:
                 self.failure = "no artifact of bundle {} is ready on this host: {}".format(
                     self.bundle.path, "; ".join(f"{s.id}: [{s.reason}] {s.detail}" for s in self.slots))
+            self._loaded.set()
+            self._apply_pending()  # a drift found while loading, with nothing after it that became ready
         except Exception as exc:  # the bundle's samples could not be read: nothing can be warmed up
             self.failure = f"cannot load bundle {self.bundle.path}: {type(exc).__name__}: {exc}"
             log.error(self.failure)
@@ -269,6 +272,7 @@ class FallbackModel:
                 self._active = slot
                 log.info("%s: %s is ready and comes before %s in the chain: now serving it", self.name, slot.id,
                          current.id)
+        self._apply_pending()
 
     def _warm_up(self, slot: Slot, runner: Any, samples: dict[str, np.ndarray]) -> None:
         feed = {}
@@ -375,8 +379,27 @@ class FallbackModel:
 
     def _on_drift(self, slot: Slot, message: str) -> None:
         with self._lock:
-            if slot.state == "ready":
-                self._fail(slot, DRIFT_DETECTED, message)
+            if slot.state != "ready":
+                return
+            if (self.policy != "strict" and self._active is slot and self._next_ready(slot) is None
+                    and not self._loaded.is_set()):
+                # the rest of the chain is still warming up: keep answering, demote as soon as a link is ready
+                if slot.pending is None:
+                    slot.pending = (DRIFT_DETECTED, message)
+                    log.warning("%s: [%s] %s: %s; the next link is still warming up: demoting once it is ready",
+                                self.name, DRIFT_DETECTED, slot.id, message)
+                return
+            self._fail(slot, DRIFT_DETECTED, message)
+
+    def _apply_pending(self) -> None:
+        """Carry out a demotion that waited for a link to become ready (or for loading to end)."""
+        with self._lock:
+            slot = self._active
+            if slot is not None and slot.pending is not None and slot.state == "ready" and \
+                    (self._next_ready(slot) is not None or self._loaded.is_set()):
+                code, message = slot.pending
+                slot.pending = None
+                self._fail(slot, code, message)
 
     def _next_ready(self, after: Slot) -> Slot | None:
         i = self.slots.index(after)

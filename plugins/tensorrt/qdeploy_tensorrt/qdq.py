@@ -82,15 +82,15 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
                 "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),        # R5
             })
     proto = onnx.load(str(out))
+    unused: set[str] = set()
     if fp8_nodes:
         proto = ensure_opset(proto, 19)  # R8
-        retype_fp8(proto, ranges, set(fp8_nodes))
+        unused = retype_fp8(proto, ranges, set(fp8_nodes))
     residual = add_residual_qdq(proto, ranges, set(int8_only), set(fp8_nodes))
     for node in proto.graph.node:  # exporter debug metadata: not needed by TensorRT, a few % of the size
         del node.metadata_props[:]
         node.doc_string = ""
-    used = {i for n in proto.graph.node for i in n.input}
-    keep = [t for t in proto.graph.initializer if t.name in used]  # the INT8 scales that FP8 pairs replaced
+    keep = [t for t in proto.graph.initializer if t.name not in unused]  # the INT8 scales FP8 pairs replaced
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
     onnx.save(proto, str(out))
@@ -99,17 +99,29 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
             "residual_qdq": residual, "int8_layers": len(int8_only), "fp8_layers": len(fp8_nodes)}
 
 
-def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes: set[str]) -> None:
+def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes: set[str]) -> set[str]:
     """R8: turn the input Q/DQ pairs of ``fp8_nodes`` into FP8 E4M3 pairs with scale amax / 448: the
     activation's calibrated range, the weight's own maximum per tensor or per output channel (the pair's
-    axis). Each pair gets its own scale and zero point initializers (a tensor feeding an INT8 and an FP8
-    layer keeps both types)."""
-    from onnx import TensorProto, numpy_helper
+    axis), each with its own scale and zero point. A pair that an INT8 layer also reads (a weight shared by
+    two layers: ORT splits only activation pairs per consumer) is cloned first, so a tensor feeding an INT8
+    and an FP8 layer keeps both types; other readers (a residual Add) follow the FP8 layer. Returns the initializer names that no node
+    reads any more (the INT8 scales the FP8 pairs replaced)."""
+    from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
+    readers: dict[str, list[Any]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def read_by_another_layer(tensor: str, node: Any) -> bool:
+        """Another weighted layer that is not FP8 (an INT8 one) reads it: that pair must keep its type."""
+        return any(r is not node and r.op_type in WEIGHTED_OPS and r.name not in fp8_nodes
+                   for r in readers.get(tensor, []))
+    replaced: set[str] = set()
     retyped: set[str] = set()
-    for node in proto.graph.node:
+    for node in list(proto.graph.node):
         if node.name not in fp8_nodes:
             continue
         for k, t in enumerate(node.input[:2]):
@@ -117,6 +129,8 @@ def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes:
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
             if q is None or q.op_type != "QuantizeLinear":
                 continue  # check_rules reports the missing pair (R4)
+            if q.output[0] in retyped:
+                continue  # already FP8: another FP8 layer reads the same pair
             src = q.input[0]
             old = numpy_helper.to_array(inits[dq.input[1]])
             if src in inits:
@@ -131,17 +145,33 @@ def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes:
                 amax = max(-lo, hi)
             else:
                 continue
+            tag = f"{src}__fp8_{node.name}_in{k}"
+            qparams = [f"{tag}_scale", f"{tag}_zero_point"]
+            replaced.update(dq.input[1:3])
+            if read_by_another_layer(dq.output[0], node) or len(readers.get(q.output[0], [])) > 1:  # clone
+                attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+                idx = list(proto.graph.node).index(node)
+                proto.graph.node.insert(idx, helper.make_node("DequantizeLinear", [f"{tag}_q", *qparams],
+                                                              [f"{tag}_dq"], name=f"{tag}_DequantizeLinear",
+                                                              **attrs))
+                proto.graph.node.insert(idx, helper.make_node("QuantizeLinear", [src, *qparams], [f"{tag}_q"],
+                                                              name=f"{tag}_QuantizeLinear", **attrs))
+                readers[t] = [r for r in readers[t] if r is not node]
+                node.input[k] = f"{tag}_dq"
+                retyped.add(f"{tag}_q")
+            else:
+                for n in (q, dq):  # the graph's own nodes (repeated-field members): edited in place
+                    n.input[1], n.input[2] = qparams
+                retyped.add(q.output[0])
             scale = fp8_scale(amax).astype(np.float32).reshape(old.shape)
             zero = np.broadcast_to(fp8_zero_point(), old.shape).copy()
-            tag = f"{src}__fp8_{node.name}_in{k}"
-            proto.graph.initializer.extend([numpy_helper.from_array(scale, f"{tag}_scale"),
-                                            numpy_helper.from_array(zero, f"{tag}_zero_point")])
-            for n in (q, dq):
-                n.input[1], n.input[2] = f"{tag}_scale", f"{tag}_zero_point"
-            retyped.add(q.output[0])
+            proto.graph.initializer.extend([numpy_helper.from_array(scale, qparams[0]),
+                                            numpy_helper.from_array(zero, qparams[1])])
     for vi in proto.graph.value_info:  # shape inference recorded the codes as INT8
         if vi.name in retyped:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
+    still_read = {i for n in proto.graph.node for i in n.input}
+    return replaced - still_read
 
 
 def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8_nodes: set[str],

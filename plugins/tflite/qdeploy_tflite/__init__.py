@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import tempfile
 import os
+import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,11 @@ def _native_stderr_muted():
     does not silence, and the interpreter announces its XNNPACK delegate: they would open every
     `qdeploy check` and `deploy`. Errors still raise; callers add the collected text to their message."""
     out = {"text": ""}
+    if threading.current_thread() is not threading.main_thread():
+        # fd 2 is the whole process's: a server loading a runner in a background thread must not swallow
+        # what its other threads log meanwhile; there the INFO lines are left alone
+        yield out
+        return
     try:
         saved = os.dup(2)
     except OSError:  # no stderr descriptor (embedded interpreters): nothing to collect
