@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_tflite.py
 	$(BIN)/python benchmarks/bench_torch.py
 	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_tensorrt_sim.py
 
 clean:
 	rm -rf build

@@ -172,6 +172,35 @@ def test_rule_checker_reports_violations(residual, tmp_path):
     add = next(n for n in bad.graph.node if n.name == "residual_add")
     add.input[1] = "r1"
     assert any(p.startswith("R6") for p in check_rules(bad, int8))
+    bad.CopyFrom(proto)  # R5: a Q/DQ between a conv and its ReLU breaks the fusion
+    from qdeploy.simulate import insert_qdq
+    insert_qdq(bad, next(n for n in bad.graph.node if n.name == "relu1"), 0, np.array(0.1, np.float32),
+               np.array(0, np.int8), "c1_before_relu")
+    assert any(p.startswith("R5 conv1") and "Relu" in p for p in check_rules(bad, int8))
+
+
+def test_conv_feeding_conv_directly_is_quantized_as_the_next_layers_input(tmp_path):
+    """A linear bottleneck (MobileNet/EfficientNet: a projection conv straight into the next block's conv):
+    the Q/DQ on the first conv's output is the second conv's input pair (R4), which TensorRT fuses into the
+    first conv's epilogue -- not an R5 violation."""
+    from qdeploy_tensorrt.qdq import write_qdq_model
+
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)  # noqa
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="project"),
+             helper.make_node("Conv", ["a", "wb"], ["b"], name="expand"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "bottleneck", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4, 4])],
+                              [init("wa", 4, 4, 1, 1), init("wb", 8, 4, 1, 1)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    ranges = {"x": (-2.0, 2.0), "a": (-3.0, 3.0), "b": (-4.0, 4.0)}
+    write_qdq_model(tmp_path / "m.onnx", tmp_path / "q.onnx", ranges, ["project", "expand"], True, tmp_path)
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    expand = next(n for n in proto.graph.node if n.name == "expand")
+    assert producer[expand.input[0]].op_type == "DequantizeLinear"
+    assert check_rules(proto, ["project", "expand"]) == []
 
 
 def test_capabilities_follow_compute_capability():

@@ -15,7 +15,9 @@ R4  "Quantize all inputs of weighted operations (Convolution, Transposed Convolu
     activation input and the weights of each INT8 layer come from a DequantizeLinear.
 R5  "By default, do not quantize the outputs of weighted operations": TensorRT fuses a following Q into
     the layer when the next layer wants INT8, and keeps BN/ReLU fusions ("do not simulate batch-normalization
-    and ReLU fusions") -- so no Q/DQ between a Conv/Gemm/MatMul and its ReLU or residual Add.
+    and ReLU fusions") -- so no Q/DQ between a Conv/Gemm/MatMul and its ReLU/Clip; a weighted op's output is
+    quantized only as the input of the next INT8 weighted layer (R4: a linear bottleneck's projection conv
+    feeding the next block's conv) or as an Add's residual input (R6).
 R6  "Quantize the residual input in skip connections": an Add fed by an INT8 weighted layer gets a Q/DQ on
     its other (residual) input, so TensorRT can fuse the addition into the convolution's epilogue.
 R7  Weights may be float with a Q->DQ pair (TensorRT quantizes them at build time) or INT8 with a DQ.
@@ -258,6 +260,7 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
                         problems.append(f"R3 {n.name}: per-channel axis {qdq_axis(n)} for {c.op_type} {c.name}; "
                                         f"the output-channel axis is {want}")
     int8_nodes, fp8_nodes = list(int8_nodes), list(fp8_nodes)
+    quantized = set(int8_nodes) | set(fp8_nodes)
     if fp8_nodes and next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) < 19:
         problems.append("R8: FP8 Q/DQ needs ONNX opset 19 or later")
     for name in int8_nodes + fp8_nodes:
@@ -277,8 +280,19 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
                                 f"{np.dtype(want).name}")
         for t in n.output:
             for c in consumers.get(t, []):
-                if c.op_type == "QuantizeLinear":
-                    problems.append(f"R5 {name}: output {t!r} is quantized directly (Q/DQ after a weighted op)")
+                if c.op_type != "QuantizeLinear":
+                    continue
+                # a Q on a weighted op's output is right only as the next quantized weighted layer's input (R4,
+                # TensorRT fuses it into this layer's epilogue) or an Add's residual input (R6); in front of
+                # anything else (ReLU, Clip, BN) it breaks the fusions TensorRT would make (R5)
+                readers = [r for dq in consumers.get(c.output[0], []) if dq.op_type == "DequantizeLinear"
+                           for r in consumers.get(dq.output[0], [])]
+                bad = [r for r in readers if not ((r.op_type in WEIGHTED_OPS and r.name in quantized)
+                                                  or r.op_type == "Add")]
+                if bad or not readers:
+                    problems.append(f"R5 {name}: output {t!r} is quantized in front of "
+                                    f"{', '.join(sorted({r.op_type for r in bad})) or 'nothing'} "
+                                    f"(Q/DQ after a weighted op breaks TensorRT's fusions)")
     int8 = set(int8_nodes) | set(fp8_nodes)
     for name in float_nodes:
         n = nodes.get(name)
