@@ -257,6 +257,34 @@ def test_fp8_qdq_graph_has_fp8_pairs_with_amax_over_448(residual, tmp_path):
     np.testing.assert_allclose(runner.infer({"x": x})["y"], plain, rtol=1e-5, atol=1e-5)
 
 
+def test_fp8_graph_with_relu6_runs_as_written(tmp_path):
+    """Clip (ReLU6, as in MobileNet/EfficientNet) in front of an FP8 QuantizeLinear: onnxruntime's own rewrite
+    refuses the session; the simulated runner turns it off and runs the graph as written."""
+    from qdeploy_tensorrt import SimulatedRunner
+    from qdeploy_tensorrt.qdq import write_qdq_model
+
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)  # noqa
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="c1"),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["c"], name="relu6"),
+             helper.make_node("Conv", ["c", "wb"], ["y"], name="c2")]
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [init("wa", 4, 4, 1, 1), init("wb", 8, 4, 1, 1),
+                               numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                               numpy_helper.from_array(np.array(6, np.float32), "hi")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    write_qdq_model(tmp_path / "m.onnx", tmp_path / "q.onnx", {"x": (-2, 2), "a": (-3, 3), "c": (0, 6)}, [], True,
+                    tmp_path, ["c1", "c2"])
+    import onnxruntime as ort
+    x = rng.normal(size=(3, 4, 4, 4)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(tmp_path / "q.onnx"), opts).run(None, {"x": x})[0]
+    np.testing.assert_allclose(SimulatedRunner(tmp_path / "q.onnx", []).infer({"x": x})["y"], plain, rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_mixed_int8_and_fp8_layers_keep_their_own_pair_types(residual, tmp_path):
     handle, spec, ranges, _ = residual
     lp = {n: "int8" for n in handle.layers}
