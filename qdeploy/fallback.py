@@ -18,7 +18,7 @@ import numpy as np
 from .backend import Artifact, Backend, Capabilities
 from .errors import BackendError
 from .profiles import BackendTarget
-from .spec import PRECISIONS, PerChannel, PerTensor, QuantSpec
+from .spec import PRECISIONS, QUANTIZED, PerChannel, PerTensor, QuantSpec
 
 REASON_CODES = ("BACKEND_UNAVAILABLE", "MODEL_FORMAT_UNSUPPORTED", "OP_UNSUPPORTED", "PRECISION_UNSUPPORTED",
                 "GRANULARITY_UNSUPPORTED", "ACCURACY_BELOW_BUDGET", "BUILD_FAILED", "LOAD_FAILED", "RUNTIME_ERROR",
@@ -216,9 +216,13 @@ def climb(layer_precisions: dict[str, str], ladder: tuple[str, ...], ranking: li
 
 def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], int], Trial],
                   layer_precisions: dict[str, str], pinned: set[str], rank: Callable[[list[str]], list[str]],
-                  events: Events) -> tuple[Trial, list[Trial]]:
+                  events: Events, helps: Callable[[str, str, str], tuple[bool, str]] | None = None,
+                  ) -> tuple[Trial, list[Trial]]:
     """Build, verify, and while the budget fails promote the worst layer one rung; bounded by the spec's
-    ``max_trials`` and ``time_budget_s``. Returns the best trial (the passing one, else the closest) and all."""
+    ``max_trials`` and ``time_budget_s``. Returns the best trial (the passing one, else the closest) and all.
+
+    ``helps(layer, from, to)`` judges a step between two quantized types (INT8 -> FP8 is not always a step up:
+    E4M3 has 3 mantissa bits); a rung it rejects is skipped for that layer, and the event says why."""
     spec = res.spec
     assert spec is not None
     label = res.target.label
@@ -277,8 +281,19 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
                         f"the ladder {list(res.ladder)}", action="stop", **details)
             break
         layer, old, new = step
-        events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; promoting layer {layer} {old} -> {new}",
-                    action="promote", layer=layer, **{"from": old, "to": new}, **details)
+        skipped: list[str] = []
+        while helps is not None and old in QUANTIZED and new in QUANTIZED:
+            ok, why = helps(layer, old, new)
+            higher = res.ladder[res.ladder.index(new) + 1:]
+            if ok or not higher:
+                break
+            skipped.append(f"{new} ({why})")
+            new = higher[0]
+        note = f" (skipped {'; '.join(skipped)})" if skipped else ""
+        events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; promoting layer {layer} {old} -> {new}{note}",
+                    action="promote", layer=layer, **{"from": old, "to": new}, **details,
+                    **({"skipped": skipped} if skipped else {}))
+        step = (layer, old, new)
         current[layer] = new
     best = max(trials, key=lambda t: (t.budget.value if _higher(t.budget.metric) else -t.budget.value))
     if not best.budget.passed and spec.fallback.policy != "strict":

@@ -274,8 +274,19 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                                                      res.ladder[0]))
             return sorted(names, key=lambda n: sensitivity.get(n, float("inf")))
 
+        def helps(layer: str, old: str, new: str) -> tuple[bool, str]:
+            """Between two quantized types: does ``new`` damage the output less than ``old`` when only this
+            layer is quantized (the ranking's simulation, in ``new``)? Lazily, for promoted layers only."""
+            if old != res.ladder[0] or layer not in sensitivity:
+                return True, ""
+            there = layer_sensitivity(model, rspec, ranges, [layer], sens_x, ref_out[out_name][:SENSITIVITY_SAMPLES],
+                                      out_name, new)[layer]
+            here = sensitivity[layer]
+            return there > here, (f"simulated output SQNR {there:.1f} dB with only this layer in {new}, "
+                                  f"{here:.1f} dB in {old}")
+
         try:
-            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, rank, events)
+            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, rank, events, helps)
         except BackendError as exc:
             events.emit(exc.code, label, str(exc))
             if rspec.fallback.policy == "strict":

@@ -420,6 +420,44 @@ def test_digits_to_t4_bundle(digits_bundle):
                        [layer["node"] for layer in m["model"]["layers"].values()]) == []
 
 
+LADDER_FP8 = {"ladder": ["int8", "fp8", "fp16", "fp32"]}
+
+
+def test_fp8_on_the_ladder_is_taken_where_it_helps(digits_data, tmp_path):
+    """The outlier channel of the sensitive model crushes per-tensor INT8; FP8's range holds it: those layers
+    climb int8 -> fp8 (the simulated per-layer SQNR says fp8 is better) and the budget holds without FP16."""
+    from qdeploy.pipeline import deploy
+
+    spec = {"weights": {"granularity": "per_tensor"}, "activations": {"symmetric": True},
+            "budget": {"metric": "top1_agreement", "threshold": 0.99}, "fallback": LADDER_FP8}
+    b = deploy(f"{ROOT / 'examples' / 'digits.py'}:build_sensitive_model", target="nvidia-h100", spec=spec,
+               calib=digits_data / "calib.npz", val=digits_data / "val.npz", output=tmp_path / "b",
+               input_shape="1x1x8x8", backends=["tensorrt"])
+    art = b.artifacts[0]
+    promoted = [e for e in b.manifest["events"] if e.get("action") == "promote"]
+    assert promoted and all(e["to"] == "fp8" and "skipped" not in e for e in promoted)
+    assert art["budget"]["passed"] and set(art["layer_precisions"].values()) == {"int8", "fp8"}
+    nodes = b.manifest["model"]["layers"]
+    proto = onnx.load(str(b.path / art["path"] / "model_qdq.onnx"))
+    assert check_rules(proto, [nodes[n]["node"] for n, p in art["layer_precisions"].items() if p == "int8"],
+                       fp8_nodes=[nodes[n]["node"] for n, p in art["layer_precisions"].items() if p == "fp8"]) == []
+
+
+def test_fp8_on_the_ladder_is_skipped_where_it_would_hurt(digits_data, tmp_path):
+    """Well-behaved layers lose more in E4M3 than in per-channel INT8: a promotion skips the fp8 rung for them
+    (to fp16), and the event gives both simulated SQNRs."""
+    from qdeploy.pipeline import deploy
+
+    spec = {"activations": {"symmetric": True}, "budget": {"metric": "cosine", "threshold": 0.99999},
+            "fallback": {**LADDER_FP8, "max_trials": 1}}
+    b = deploy(f"{ROOT / 'examples' / 'digits.py'}:build_model", target="nvidia-h100", spec=spec,
+               calib=digits_data / "calib.npz", val=digits_data / "val.npz", output=tmp_path / "b",
+               input_shape="1x1x8x8", backends=["tensorrt"])
+    [e] = [e for e in b.manifest["events"] if e.get("action") == "promote"]
+    assert (e["from"], e["to"]) == ("int8", "fp16") and e["skipped"][0].startswith("fp8 (simulated output SQNR")
+    assert b.artifacts[0]["layer_precisions"][e["layer"]] == "fp16"
+
+
 @pytest.mark.skipif(TRT_OK, reason="TensorRT is installed here: its engine serves")
 def test_a_simulated_tensorrt_artifact_never_serves(digits_bundle):
     """Served on a host without TensorRT, the bundle's TensorRT link is out of the chain with a reason and the
