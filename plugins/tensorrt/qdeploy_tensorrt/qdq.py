@@ -101,21 +101,27 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
             "residual_qdq": residual, "int8_layers": len(int8_only), "fp8_layers": len(fp8_nodes)}
 
 
+def _links(proto: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """``(producer, consumers)``: the node writing each tensor, and the nodes reading it."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes: set[str]) -> set[str]:
     """R8: turn the input Q/DQ pairs of ``fp8_nodes`` into FP8 E4M3 pairs with scale amax / 448: the
     activation's calibrated range, the weight's own maximum per tensor or per output channel (the pair's
     axis), each with its own scale and zero point. A pair that an INT8 layer also reads (a weight shared by
     two layers: ORT splits only activation pairs per consumer) is cloned first, so a tensor feeding an INT8
-    and an FP8 layer keeps both types; other readers (a residual Add) follow the FP8 layer. Returns the initializer names that no node
-    reads any more (the INT8 scales the FP8 pairs replaced)."""
+    and an FP8 layer keeps both types; other readers (a residual Add) follow the FP8 layer. Returns the
+    initializer names that no node reads any more (the INT8 scales the FP8 pairs replaced)."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    readers: dict[str, list[Any]] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    producer, readers = _links(proto)
 
     def read_by_another_layer(tensor: str, node: Any) -> bool:
         """Another weighted layer that is not FP8 (an INT8 one) reads it: that pair must keep its type."""
@@ -219,11 +225,7 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
               for a in n.attribute if a.name == "value"}
     inits.update(consts)
     nodes = {n.name: n for n in proto.graph.node}
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _links(proto)
     problems: list[str] = []
 
     def qdq_axis(n: Any) -> int:
