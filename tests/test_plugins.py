@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pluggy
 import pytest
 
 from qdeploy import hookspecs

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qdeploy.calibration import ActivationRanges, collect_ranges, open_data
+from qdeploy.calibration import collect_ranges, open_data
 from qdeploy.errors import BackendError
 from qdeploy.fallback import resolve
 from qdeploy.model import load_model

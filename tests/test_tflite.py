@@ -16,7 +16,7 @@ from qdeploy.errors import QDeployError
 from qdeploy.plugins import get_registry
 from qdeploy.spec import load_spec
 
-from conftest import DIGITS_FACTORY, DIGITS_SPEC, ROOT
+from conftest import DIGITS_FACTORY, DIGITS_SPEC
 
 pytestmark = pytest.mark.skipif("tflite" not in get_registry().backends,
                                 reason="the tflite plugin is not installed (pip install -e plugins/tflite)")
