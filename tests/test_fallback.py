@@ -261,3 +261,21 @@ def test_warn_policy_issues_python_warnings_auto_does_not(tmp_path, digits_data,
     assert not [w for w in recwarn if issubclass(w.category, FallbackWarning)]
     with pytest.warns(FallbackWarning, match="ACCURACY_BELOW_BUDGET"):
         qdeploy.deploy(SENSITIVE, output=tmp_path / "warn", policy="warn", **kw)
+
+
+@pytest.mark.slow
+def test_artifacts_that_met_the_budget_come_first(tmp_path, digits_data):
+    """The chain's first entry cannot climb (its profile runs INT8 only) and keeps a failing artifact; the
+    second meets the budget. The manifest lists the passing one first, so a server loads it first."""
+    from qdeploy.profiles import profile_from_dict
+
+    prof = profile_from_dict({"name": "two-entries", "description": "test", "device": "cpu", "backends": [
+        {"backend": "onnxruntime", "fast": ["int8"]},
+        {"backend": "torch", "fast": ["int8", "fp32"], "options": {"engine": "x86"}}]})
+    b = qdeploy.deploy(SENSITIVE, target=prof, spec=TIGHT, calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8")
+    arts = b.artifacts
+    assert [a["backend"] for a in arts] == ["torch", "onnxruntime"]
+    assert arts[0]["budget"]["passed"] and not arts[1]["budget"]["passed"]
+    stop = [e for e in b.manifest["events"] if e["target"] == "onnxruntime" and e.get("action") == "stop"]
+    assert stop and "top of the ladder" in stop[0]["message"]
