@@ -186,7 +186,7 @@ def test_qat_recovers_ptq_loss_and_deploys_through_onnxruntime(tmp_path):
     print(f"FP32 {fp32_acc:.4f}  PTQ {ptq_acc:.4f}  QAT torch {torch_acc:.4f}  QAT onnxruntime {ort_acc:.4f}")
     lost = fp32_acc - ptq_acc
     assert lost >= 0.01, "the aggressive spec should cost PTQ at least a point"
-    assert torch_acc - ptq_acc >= lost / 2
+    assert torch_acc - ptq_acc >= lost / 2 - 1e-9  # at least half (exactly half counts: 3 of 6 images)
     assert abs(ort_acc - torch_acc) <= 0.005
 
 
