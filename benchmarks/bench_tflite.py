@@ -94,16 +94,9 @@ def trained_model(x: np.ndarray, y: np.ndarray):
     if CACHE.is_file():
         model.load_state_dict(torch.load(CACHE, weights_only=True))
         return model.eval()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(4):
-        for idx in torch.randperm(len(xt), generator=gen).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
+    from digits import fit
+
+    fit(model, x, y, epochs=4, lr=2e-3, seed=0)
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), CACHE)
     return model

@@ -79,22 +79,16 @@ def data(kind: str):
 def trained(kind: str):
     import torch
 
+    torch.manual_seed(0)  # the initial weights too: the same model on every run
     model = cnn() if kind == "cnn" else mlp()
     path = CACHE / f"bench_{kind}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    torch.manual_seed(0)
+    from digits import fit
+
     x, y, _, _ = data(kind)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(3 if kind == "cnn" else 8):
-        for idx in torch.randperm(len(xt)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
+    fit(model, x, y, epochs=3 if kind == "cnn" else 8, lr=1e-3, seed=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model

@@ -76,16 +76,7 @@ def build_model():
         torch.manual_seed(SEED)
         model = _net()
         x, y, _, _ = load_digits_split()
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        loss_fn = torch.nn.CrossEntropyLoss()
-        gen = torch.Generator().manual_seed(SEED)
-        model.train()
-        for _ in range(30):
-            for idx in torch.randperm(len(xt), generator=gen).split(64):
-                opt.zero_grad()
-                loss_fn(model(xt[idx]), yt[idx]).backward()
-                opt.step()
+        fit(model, x, y, epochs=30, lr=3e-3, seed=SEED)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -95,6 +86,23 @@ def build_model():
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)
     return model
+
+
+def fit(model, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int = 0, batch: int = 64):
+    """Train a classifier with Adam and cross-entropy, shuffling with its own seeded generator; returns it in
+    eval mode. The examples and the benchmarks train their models with it."""
+    import torch
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=gen).split(batch):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
 
 
 def build_sensitive_model(factor: float = 256.0):
