@@ -101,75 +101,76 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def http_load(port: int, path: str, body: bytes, headers: dict, n: int, concurrency: int,
-              pid: int | None = None) -> dict:
-    """``n`` POSTs from ``concurrency`` threads on keep-alive connections: requests/s, latency percentiles and
-    (with ``pid``) the server's CPU time per request, which other load on the machine disturbs far less."""
+def drive(n: int, concurrency: int, open_client) -> tuple[list[float], int, float]:
+    """``n`` calls shared by ``concurrency`` threads; ``open_client()`` gives each thread ``(call, close)``,
+    ``call()`` returning True for a good answer. Returns the latencies, the error count and the wall time."""
     lat: list[float] = []
     errors = [0]
     lock = threading.Lock()
     left = [n]
 
     def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle/delayed-ACK stalls
-        mine = []
+        call, close = open_client()
+        mine, bad = [], 0
         while True:
             with lock:
                 if left[0] == 0:
                     break
                 left[0] -= 1
             t = time.perf_counter()
-            conn.request("POST", path, body, headers)
-            r = conn.getresponse()
-            r.read()
+            ok = call()
             mine.append(time.perf_counter() - t)
-            if r.status != 200:
-                errors[0] += 1
-        conn.close()
+            bad += not ok
+        close()
         with lock:
             lat.extend(mine)
+            errors[0] += bad
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    cpu0 = cpu_seconds(pid) if pid else 0.0
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    out = summary(lat, wall, errors[0])
+    return lat, errors[0], time.perf_counter() - start
+
+
+def http_load(port: int, path: str, body: bytes, headers: dict, n: int, concurrency: int,
+              pid: int | None = None) -> dict:
+    """``n`` POSTs from ``concurrency`` threads on keep-alive connections: requests/s, latency percentiles and
+    (with ``pid``) the server's CPU time per request, which other load on the machine disturbs far less."""
+
+    def open_client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle/delayed-ACK stalls
+
+        def call() -> bool:
+            conn.request("POST", path, body, headers)
+            r = conn.getresponse()
+            r.read()
+            return r.status == 200
+        return call, conn.close
+
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    lat, errors, wall = drive(n, concurrency, open_client)
+    out = summary(lat, wall, errors)
     if pid:
         out["server_cpu_us_per_request"] = (cpu_seconds(pid) - cpu0) / max(len(lat), 1) * 1e6
     return out
 
 
 def inprocess_load(fn, n: int, concurrency: int) -> dict:
-    lat: list[float] = []
-    lock = threading.Lock()
-    left = [n]
+    """The same load on an in-process callable (an exception ends the run: it is a bug, not an answer)."""
 
-    def worker() -> None:
-        mine = []
-        while True:
-            with lock:
-                if left[0] == 0:
-                    break
-                left[0] -= 1
-            t = time.perf_counter()
+    def open_client():
+        def call() -> bool:
             fn()
-            mine.append(time.perf_counter() - t)
-        with lock:
-            lat.extend(mine)
+            return True
+        return call, lambda: None
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summary(lat, time.perf_counter() - start, 0)
+    lat, errors, wall = drive(n, concurrency, open_client)
+    return summary(lat, wall, errors)
 
 
 def asgi_cpu_us(app, path: str, body: bytes, n: int) -> float:
