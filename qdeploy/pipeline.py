@@ -141,32 +141,32 @@ def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> 
         res.note("BUILD_FAILED", f"translation failed: {type(exc).__name__}: {exc}")
         res.spec = None
         return {}
-    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
     strict = res.spec.fallback.policy == "strict"
-    for name, want in layers.items():
-        got = plan.layer_precisions.get(name, want)
-        if got != want:
-            why = reasons.get(name) or f"{res.target.backend} cannot build it in {want} here"
-            res.note("PRECISION_UNSUPPORTED", f"layer {name}: {why}; "
-                     + (f"it would be built in {got} (refused: policy is strict)" if strict else f"built in {got}"),
-                     layer=name, requested=want, resolved=got)
-            if strict:  # as the deploy would: refused, this entry does not run
-                res.spec = None
-                return {}
+    for name, want, got, why in _moved_layers(res, layers, plan):
+        res.note("PRECISION_UNSUPPORTED", f"layer {name}: {why}; "
+                 + (f"it would be built in {got} (refused: policy is strict)" if strict else f"built in {got}"),
+                 layer=name, requested=want, resolved=got)
+        if strict:  # as the deploy would: refused, this entry does not run
+            res.spec = None
+            return {}
     return dict(plan.layer_precisions)
+
+
+def _moved_layers(res: Resolution, asked: dict[str, str], plan: Any) -> list[tuple[str, str, str, str]]:
+    """``(layer, asked, built, why)`` for each layer the backend's plan builds in another precision."""
+    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
+    return [(name, want, got, reasons.get(name) or f"{res.target.backend} cannot build it in {want} here")
+            for name, want in asked.items() if (got := plan.layer_precisions.get(name, want)) != want]
 
 
 def _record_translation(res: Resolution, asked: dict[str, str], plan: Any, seen: set[tuple[str, str, str]],
                         events: Events) -> None:
     """A backend may build a layer in another precision than asked (a format limit): never silently. Each
     change is a ``PRECISION_UNSUPPORTED`` event (once per layer and change); ``strict`` refuses it."""
-    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
-    for name, want in asked.items():
-        got = plan.layer_precisions.get(name, want)
-        if got == want or (name, want, got) in seen:
+    for name, want, got, why in _moved_layers(res, asked, plan):
+        if (name, want, got) in seen:
             continue
         seen.add((name, want, got))
-        why = reasons.get(name) or f"{res.target.backend} cannot build it in {want} here"
         if res.spec is not None and res.spec.fallback.policy == "strict":
             raise BackendError(f"layer {name}: {why}; it would be built in {got} (refused: policy is strict)",
                                "PRECISION_UNSUPPORTED")
