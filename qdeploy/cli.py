@@ -168,8 +168,9 @@ def _matches_verified(stored: dict, art_id: str, output: str, got: Any, metric: 
     want = stored.get(f"{art_id}:{output}")
     if want is None or np.shape(want) != np.shape(got):
         return "FAIL", f"{metric} needs labels (pass --val with 'y') and the bundle holds no verified outputs to compare"
-    err = float(np.max(np.abs(np.asarray(got, np.float64) - want))) if np.size(want) else 0.0
-    tol = 1e-6 + 0.05 * float(np.max(np.abs(want)) if np.size(want) else 0.0)
+    from .verify import recorded_gap
+
+    err, tol = recorded_gap(got, want)  # the warm-up tolerance of `qdeploy serve`
     text = (f"outputs match the verified ones within {err:.3g} (tolerance {tol:.3g}); {metric} needs labels "
             f"(pass --val with 'y') to be re-measured")
     return ("pass" if err <= tol else "FAIL"), text

@@ -27,6 +27,14 @@ def is_classifier(arr: np.ndarray) -> bool:
     return arr.ndim == 2 and arr.shape[1] > 1
 
 
+def recorded_gap(got: np.ndarray, want: np.ndarray, rtol: float = 0.05) -> tuple[float, float]:
+    """``(max abs difference, tolerance)`` of outputs against the outputs recorded when the artifact was
+    verified: the tolerance is ``rtol`` of the recorded outputs' largest magnitude (plus 1e-6)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = float(np.max(np.abs(got - want))) if want.size else 0.0
+    return err, 1e-6 + rtol * (float(np.max(np.abs(want))) if want.size else 0.0)
+
+
 def output_metrics(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None,
                    extra: Mapping[str, Callable[..., float]] | None = None) -> dict[str, float]:
     """All metrics for one output: the reference and the candidate arrays of the same samples."""

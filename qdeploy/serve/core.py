@@ -31,6 +31,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import QDeployError
 from ..spec import POLICIES
+from ..verify import recorded_gap
 from .drift import DriftGuard, DriftRule, drift_rule
 from .errors import InferenceFailed, NotReady, NothingServes, RequestError
 
@@ -291,8 +292,7 @@ class FallbackModel:
                 raise QDeployError(f"warm-up output {name!r} has shape {got.shape}; verified {want.shape}")
             if not np.all(np.isfinite(got)):
                 raise QDeployError(f"warm-up output {name!r} is not finite")
-            err = float(np.max(np.abs(got - want))) if got.size else 0.0
-            tol = 1e-6 + self.warmup_rtol * (float(np.max(np.abs(want))) if want.size else 0.0)
+            err, tol = recorded_gap(got, want, self.warmup_rtol)
             if err > tol:
                 raise QDeployError(f"warm-up output {name!r} differs from the verified outputs by {err:.4g} "
                                    f"(tolerance {tol:.4g})")
