@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,13 +433,32 @@ def make_observer(act: ActivationSpec) -> Observer:
 
 
 # --- range collection on the FP32 reference ------------------------------------------------------------------
+MASK_MAGNITUDE = 1e30
+"""Values this large are fill values (``finfo.min`` in attention masks), not data: a range over them would
+give a scale that zeroes everything else, so their tensor stays float, like one holding inf or NaN."""
+QDQ_OPS = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Sub", "Concat", "Relu", "Clip", "LeakyRelu",
+    "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize",
+    "Softmax", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Pad", "Gather",
+    "Where", "LayerNormalization", "InstanceNormalization", "BatchNormalization", "ReduceMean", "Div", "Erf",
+    "Gelu", "Pow", "Sqrt", "LSTM", "GRU", "Expand", "Tile", "ArgMax", "DepthToSpace", "SpaceToDepth"})
+"""Op types whose float inputs and outputs the observers calibrate: the union of what any backend may put
+Q/DQ pairs around. Shape arithmetic (Shape, Cast, Range, ConstantOfShape, comparisons) is never observed."""
+CALIBRATION_BUDGET_BYTES = 256 << 20
+"""The most bytes of exposed activations one calibration run may hold at once (sets the batch size)."""
+
+
 @dataclass
 class ActivationRanges:
-    """Calibrated ``(lo, hi)`` per activation tensor of the reference ONNX (by tensor name)."""
+    """Calibrated ``(lo, hi)`` per activation tensor of the reference ONNX (by tensor name).
+
+    ``nonfinite`` names tensors that held inf, NaN or mask fill values on the calibration data, with what was
+    seen: they have no range and stay float in every backend (a range is finite, or there is none)."""
 
     method: str
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     samples: int = 0
+    nonfinite: dict[str, str] = field(default_factory=dict)
 
     def save_ort_cache(self, path: Path, tensors: Iterable[str] | None = None) -> Path:
         """Write the ranges (all, or those of ``tensors``) as onnxruntime's calibration cache, so that
@@ -460,21 +479,32 @@ class ActivationRanges:
 
 
 def activation_tensors(proto: Any) -> list[str]:
-    """Names of the float activation tensors of a graph: its inputs and every node output."""
+    """Names of the float activation tensors that a backend may quantize: the inputs and outputs of the
+    graph's :data:`QDQ_OPS` nodes that are not initializers."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(proto)
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     inits = {t.name for t in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in inits]
-    names += [o for n in proto.graph.node for o in n.output if o]
-    return [n for n in dict.fromkeys(names) if types.get(n) == onnx.TensorProto.FLOAT]
+    names = [t for n in proto.graph.node if n.op_type in QDQ_OPS for t in list(n.input) + list(n.output)]
+    return [n for n in dict.fromkeys(names) if n and n not in inits and types.get(n) == onnx.TensorProto.FLOAT]
+
+
+def _describe_nonfinite(x: np.ndarray) -> str:
+    kinds = [k for k, m in (("-inf", np.isneginf(x)), ("+inf", np.isposinf(x)), ("NaN", np.isnan(x)),
+                            (f"|x| >= {MASK_MAGNITUDE:g}", np.isfinite(x) & (np.abs(x) >= MASK_MAGNITUDE)))
+             if m.any()]
+    return f"holds {', '.join(kinds)} on calibration data (an attention-mask fill, typically)"
 
 
 def collect_ranges(model: ModelHandle, data: Dataset, act: ActivationSpec,
                    progress: Callable[[int, int], None] | None = None) -> ActivationRanges:
-    """Run the FP32 reference over ``data`` with every activation exposed and feed the observers."""
+    """Run the FP32 reference over ``data`` with the quantizable activations exposed and feed the observers.
+
+    Memory stays bounded: the batch is sized so the exposed activations of one run fit
+    :data:`CALIBRATION_BUDGET_BYTES`; empty tensors are skipped; a tensor that holds inf, NaN or a mask fill
+    value is dropped from observation at once and reported in ``nonfinite``."""
     import onnx
 
     from .backend import OrtRunner
@@ -485,18 +515,73 @@ def collect_ranges(model: ModelHandle, data: Dataset, act: ActivationSpec,
     for t in tensors:
         if t not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    observers = {t: make_observer(act) for t in tensors}
-    done = 0
+    observers: dict[str, Observer] = {}
+    nonfinite: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="qdeploy-calib-") as tmp:
         path = Path(tmp) / "augmented.onnx"
         onnx.save(proto, str(path))
+        del proto
         runner = OrtRunner(path)
-        for x, _ in data.batches():
-            out = runner.infer(x)
-            for t in tensors:
-                observers[t].update(out[t])
+        first, _ = next(data.batches(1))
+        out = runner.infer(first)  # one sample sizes the batch: its exposed activations x batch fit the budget
+        per_sample = sum(out[t].nbytes for t in tensors) or 1
+        batch = max(1, min(data.batch_size, CALIBRATION_BUDGET_BYTES // per_sample))
+        _observe(out, tensors, observers, nonfinite, act)
+        del out
+        done = 1
+        for x, _ in _skip_first(data.batches(batch), 1):
+            _observe(runner.infer(x), tensors, observers, nonfinite, act)
             done += len(next(iter(x.values())))
             if progress:
                 progress(done, data.count)
         runner.close()
-    return ActivationRanges(act.method, {t: tuple(map(float, o.range())) for t, o in observers.items()}, done)
+    return ActivationRanges(act.method, {t: tuple(map(float, o.range())) for t, o in observers.items()
+                                         if t not in nonfinite}, done, nonfinite)
+
+
+def _skip_first(batches: Iterator[Batch], n: int) -> Iterator[Batch]:
+    """The batches after the first ``n`` samples (the one that sized the batch)."""
+    for x, y in batches:
+        k = len(next(iter(x.values())))
+        if n >= k:
+            n -= k
+            continue
+        if n:
+            x, y = {a: v[n:] for a, v in x.items()}, None if y is None else y[n:]
+            n = 0
+        yield x, y
+
+
+def _observe(out: dict[str, np.ndarray], tensors: list[str], observers: dict[str, Observer],
+             nonfinite: dict[str, str], act: ActivationSpec) -> None:
+    """Feed one run's outputs to the observers (empty tensors are skipped: there is nothing to range)."""
+    for t in tensors:
+        if t in nonfinite:
+            continue
+        v = out[t]
+        if v.size == 0:
+            continue
+        if not np.isfinite(v).all() or np.abs(v).max() >= MASK_MAGNITUDE:
+            nonfinite[t] = _describe_nonfinite(v)
+            observers.pop(t, None)
+            continue
+        if t not in observers:
+            observers[t] = make_observer(act)
+        observers[t].update(v)
+
+
+def unranged_layers(layers: Mapping[str, Any], precisions: Mapping[str, str], ranges: ActivationRanges | None,
+                    quantized: Iterable[str]) -> dict[str, str]:
+    """Layers set to a ``quantized`` precision one of whose activations (inputs or output) has no finite
+    range, with why: they must stay float in every backend (a scale computed from inf is inf)."""
+    if ranges is None:
+        return {}
+    out = {}
+    for name, layer in layers.items():
+        if precisions.get(name) not in quantized:
+            continue
+        missing = [t for t in (*(layer.activations or (layer.input,)), layer.output) if t not in ranges.ranges]
+        if missing:
+            why = ranges.nonfinite.get(missing[0], "was empty or never observed on the calibration data")
+            out[name] = f"its activation {missing[0]} {why}: no finite range, so it stays float"
+    return out

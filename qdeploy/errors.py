@@ -59,6 +59,13 @@ class StrictPolicyError(QDeployError):
     exit_code = 1
 
 
+class NothingBuilt(QDeployError):
+    """Every backend entry of the profile refused the model or failed to build, load or run it here; the
+    events say why for each. Not bad input (the input may be fine for another target): a failed check."""
+
+    exit_code = 1
+
+
 def suggest(value: str, allowed: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` when ``value`` is close to one of ``allowed``, else an empty string."""
     match = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)

@@ -63,6 +63,7 @@ class Resolution:
     ladder: tuple[str, ...] = ()
     events: list[tuple[str, str, dict]] = field(default_factory=list)  # (code, message, details), not yet emitted
     warnings: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)  # choices made while resolving ("auto" settings), not problems
 
     @property
     def runnable(self) -> bool:
@@ -86,7 +87,7 @@ def _refuse_if_strict(res: Resolution, spec: QuantSpec) -> bool:
 
 
 def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: tuple[str, ...],
-            spec: QuantSpec) -> Resolution:
+            spec: QuantSpec, family: str = "cnn") -> Resolution:
     """Spec x profile entry x backend capabilities -> a resolved spec, or the reason it cannot run."""
     res = Resolution(target)
     backend = backends.get(target.backend)
@@ -129,6 +130,14 @@ def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: 
     spec = spec.replace(precision=prec)
     if spec.uses_quantized:
         act, w = spec.activations, spec.weights
+        if act.mode == "auto":
+            mode = "dynamic" if family == "transformer" and "dynamic" in caps.activation_modes else "static"
+            res.info.append(f"activations.mode auto -> {mode}: " + (
+                "a transformer-like graph (MatMul/Gemm layers, Softmax, no convolution): per-channel weights with "
+                "per-batch activation ranges keep attention's outliers" if mode == "dynamic" else
+                f"calibrated ranges for a {family} graph" if family != "transformer" else
+                f"{target.backend} has no dynamic INT8"))
+            act = dataclasses.replace(act, mode=mode)
         if act.mode not in caps.activation_modes:
             res.note("PRECISION_UNSUPPORTED", f"{act.mode} activation quantization is not supported by "
                      f"{target.backend}; it supports {', '.join(caps.activation_modes)}", requested=act.mode)

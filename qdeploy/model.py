@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ from .backend import quiet
 from .errors import ModelError
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "DynamicQuantizeMatMul")
+"""Op types that mean the model already carries its own quantization."""
+MIN_OPSET = 13
+"""Per-channel DequantizeLinear (an ``axis`` attribute) needs opset 13: older graphs are upgraded on intake."""
 _ONNX_TO_NUMPY = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 6: "int32", 7: "int64", 2: "uint8",
                   3: "int8", 9: "bool"}
 
@@ -43,6 +49,8 @@ class LayerInfo:
     weight: str
     input: str
     output: str
+    activations: tuple[str, ...] = ()
+    """Every activation (non-initializer) input of the node: two for an activation x activation MatMul."""
 
 
 @dataclass
@@ -57,6 +65,21 @@ class ModelHandle:
     format: str  # "onnx" or "torch"
     sha256: str
     torch_module: Any = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+    """What intake changed in the graph (Constants folded, opset upgraded), for the manifest and console."""
+    prequantized: tuple[str, ...] = ()
+    """The quantized op types the model already holds (empty for an FP32 model)."""
+    opset: int = 0
+    op_types: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """``transformer`` for a graph with no convolution whose weighted layers are MatMul/Gemm and which has
+        a Softmax (attention); ``cnn`` otherwise. Recipes that pay differ between the two."""
+        if self.op_types.get("Conv", 0) or self.op_types.get("ConvTranspose", 0):
+            return "cnn"
+        weighted = any(l.weight and l.op_type in ("MatMul", "Gemm") for l in self.layers.values())
+        return "transformer" if weighted and self.op_types.get("Softmax", 0) else "cnn"
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -66,7 +89,8 @@ class ModelHandle:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "format": self.format, "sha256": self.sha256,
                 "inputs": [asdict(i) for i in self.inputs], "outputs": [asdict(o) for o in self.outputs],
-                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+                "layers": {k: asdict(v) for k, v in self.layers.items()}, "opset": self.opset,
+                "intake": list(self.notes), "prequantized": list(self.prequantized)}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -100,6 +124,10 @@ def load_model(model: Any, reference_path: Path, input_shape: Any = None) -> Mod
             return _from_torch(_load_pt2(Path(text)), text, reference_path, shape)
         if text.endswith(TORCHSCRIPT_SUFFIXES):
             return _from_torchscript(Path(text), reference_path, shape)
+        if text.endswith((".tflite", ".lite")):
+            raise ModelError(f"model {text}: a .tflite file is a deployment format, not an input: qdeploy quantizes "
+                             f"from the FP32 original; give its .onnx or PyTorch source (the tflite backend "
+                             f"writes .tflite artifacts from it)")
         if ":" in text:
             return _from_torch(_load_factory(text), text, reference_path, shape)
         raise ModelError(f"model {text!r}: give an .onnx file, a .pt2 file, a TorchScript file (.pt/.ts), or a "
@@ -139,12 +167,124 @@ def _finish(proto: Any, reference_path: Path, source: str, fmt: str, sha: str, m
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
+    prequantized = tuple(sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS}))
+    proto, notes = normalize(proto, upgrade=not prequantized)
     reference_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(reference_path))
     inits = {t.name for t in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in inits]
     return ModelHandle(reference_path, [_tensor_info(i) for i in graph_inputs],
-                       [_tensor_info(o) for o in proto.graph.output], layer_map(proto), source, fmt, sha, module)
+                       [_tensor_info(o) for o in proto.graph.output], layer_map(proto), source, fmt, sha, module,
+                       notes=notes, prequantized=prequantized, opset=opset_of(proto),
+                       op_types=dict(Counter(n.op_type for n in proto.graph.node)))
+
+
+def opset_of(proto: Any) -> int:
+    """The model's version of the default ONNX domain."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def normalize(proto: Any, upgrade: bool = True) -> tuple[Any, list[str]]:
+    """Put a real-world graph into the form every backend expects, without changing its function:
+
+    * weights stored as ``Constant`` nodes (Paddle2ONNX writes every weight so) become initializers, so that a
+      weight is quantized as a weight (int8, per channel) and never as an activation;
+    * an ``Identity`` of an initializer is bypassed (its consumers read the initializer);
+    * a default-domain opset below :data:`MIN_OPSET` is upgraded with onnx's version converter (per-channel
+      DequantizeLinear needs 13); a graph the converter cannot upgrade keeps its opset (backends then fall
+      back to per-tensor weights, with an event).
+
+    Returns the graph and one note per change."""
+    import onnx
+    from onnx import numpy_helper
+
+    notes: list[str] = []
+    graph = proto.graph
+    outputs = {o.name for o in graph.output}
+    folded = []
+    for node in list(graph.node):
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.output[0] in outputs:
+            continue
+        value = _constant_value(node.attribute[0])
+        if value is None:
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        graph.node.remove(node)
+        folded.append(node.name)
+    if folded:
+        notes.append(f"{len(folded)} Constant node(s) folded into initializers (weights stored as nodes)")
+    inits = {t.name for t in graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if alias:
+        for node in list(graph.node):
+            if node.op_type == "Identity" and node.output[0] in alias:
+                graph.node.remove(node)
+                continue
+            for i, name in enumerate(node.input):
+                if name in alias:
+                    node.input[i] = alias[name]
+        notes.append(f"{len(alias)} Identity node(s) of initializers bypassed")
+    renamed = _rename_counter_clashes(graph)
+    if renamed:
+        notes.append(f"{renamed} tensor(s) renamed whose name is another tensor's name plus digits (onnxruntime's "
+                     f"quantizer appends counters to names and would wire them to the wrong tensor)")
+    version = opset_of(proto)
+    if upgrade and 0 < version < MIN_OPSET:
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(proto, MIN_OPSET)
+            onnx.checker.check_model(converted)
+        except Exception as exc:  # noqa: BLE001 -- the converter's failures have no common type
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            notes.append(f"opset {version} kept: onnx's version converter cannot upgrade it to {MIN_OPSET} "
+                         f"({first}); per-channel weights need opset {MIN_OPSET}")
+        else:
+            proto = converted
+            notes.append(f"opset {version} upgraded to {MIN_OPSET} (per-channel DequantizeLinear needs it)")
+    return proto, notes
+
+
+def _rename_counter_clashes(graph: Any) -> int:
+    """Rename each inner tensor named like another tensor plus a digit suffix (``conv1d_25`` and
+    ``conv1d_252``, as tf2onnx writes them) to ``<name>_t``; graph inputs and outputs keep their names."""
+    import re
+
+    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output if o}
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output}
+    clash = {}
+    for name in names - keep:
+        stem = re.sub(r"\d+$", "", name)
+        if stem != name and any(name[:k] in names for k in range(len(stem), len(name))):
+            clash[name] = f"{name}_t"
+    if not clash:
+        return 0
+    for t in graph.initializer:
+        t.name = clash.get(t.name, t.name)
+    for vi in graph.value_info:
+        vi.name = clash.get(vi.name, vi.name)
+    for node in graph.node:
+        for i, x in enumerate(node.input):
+            node.input[i] = clash.get(x, x)
+        for i, x in enumerate(node.output):
+            node.output[i] = clash.get(x, x)
+    return len(clash)
+
+
+def _constant_value(attr: Any) -> np.ndarray | None:
+    """The array a Constant node's single attribute holds (None for a sparse or string constant)."""
+    from onnx import AttributeProto, numpy_helper
+
+    if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+        return numpy_helper.to_array(attr.t)
+    scalar = {"value_float": np.float32, "value_int": np.int64}
+    lists = {"value_floats": np.float32, "value_ints": np.int64}
+    if attr.name in scalar:
+        return np.array(attr.f if attr.name == "value_float" else attr.i, scalar[attr.name])
+    if attr.name in lists:
+        return np.array(list(attr.floats if attr.name == "value_floats" else attr.ints), lists[attr.name])
+    return None
 
 
 def _tensor_info(vi: Any) -> TensorInfo:
@@ -174,7 +314,8 @@ def layer_map(proto: Any) -> dict[str, LayerInfo]:
         while name in layers:
             k += 1
             name = f"{base}#{k}"
-        layers[name] = LayerInfo(name, node.op_type, node.name, weight, node.input[0], node.output[0])
+        acts = tuple(x for x in node.input if x and x not in inits)
+        layers[name] = LayerInfo(name, node.op_type, node.name, weight, node.input[0], node.output[0], acts)
     return layers
 
 

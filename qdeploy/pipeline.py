@@ -13,8 +13,8 @@ import numpy as np
 from . import __version__
 from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
-from .calibration import ActivationRanges, check_label_range, collect_ranges, open_data
-from .errors import BackendError, BudgetNotMet, DataError, QDeployError, StrictPolicyError
+from .calibration import ActivationRanges, check_label_range, collect_ranges, open_data, unranged_layers
+from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, QDeployError, StrictPolicyError
 from .fallback import (Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions,
                        resolve, summarize_precision)
 from .model import ModelHandle, load_model, random_inputs
@@ -50,8 +50,8 @@ def _with_policy(spec: QuantSpec, policy: str | None) -> QuantSpec:
     return spec.replace(fallback=dataclasses.replace(spec.fallback, policy=policy))
 
 
-def _needs_ranges(spec: QuantSpec) -> bool:
-    return spec.activations.mode == "static" and spec.uses_quantized
+def _needs_ranges(spec: QuantSpec, model: ModelHandle) -> bool:
+    return spec.activations.mode == "static" and spec.uses_quantized and not model.prequantized
 
 
 def _resolutions(profile: Profile, registry: Registry, model: ModelHandle, spec: QuantSpec,
@@ -62,7 +62,7 @@ def _resolutions(profile: Profile, registry: Registry, model: ModelHandle, spec:
                         f"{', '.join(t.label for t in profile.backends)}")
     out = []
     for t in entries:
-        res = resolve(t, registry.backends, model.formats, spec)
+        res = resolve(t, registry.backends, model.formats, spec, model.family)
         if res.runnable:
             res.warnings += res.backend.advise(model, res.spec, t)
         out.append(res)
@@ -92,8 +92,8 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
                 "precision": res.spec.precision if res.spec else None, "ladder": list(res.ladder),
                 "verified_on": res.caps.verified_on if res.caps else None,
                 "events": [{"code": c, "message": m, **d} for c, m, d in res.events],
-                "warnings": res.warnings, "layers": layers})
-    return {"profile": profile.name, "notes": list(profile.notes), "model": handle.source,
+                "warnings": res.warnings, "info": res.info, "layers": layers})
+    return {"profile": profile.name, "notes": list(profile.notes), "model": handle.source, "intake": handle.notes,
             "layers": len(handle.layers), "entries": entries,
             "warnings": [f"spec {t}" for t in spec.unmatched_overrides({n: layer.op_type
                                                                        for n, layer in handle.layers.items()})]}
@@ -159,6 +159,14 @@ def _moved_layers(res: Resolution, asked: dict[str, str], plan: Any) -> list[tup
             for name, want in asked.items() if (got := plan.layer_precisions.get(name, want)) != want]
 
 
+def _keep_unranged_float(plan: Any, ranges: ActivationRanges | None) -> None:
+    """Layers whose activations have no finite range stay float, whatever the backend (an event each)."""
+    for name, why in unranged_layers(plan.model.layers, plan.layer_precisions, ranges, QUANTIZED).items():
+        plan.layer_precisions[name] = "fp32"
+        if isinstance(plan.state, dict):
+            plan.state.setdefault("layer_reasons", {})[name] = why
+
+
 def _record_translation(res: Resolution, asked: dict[str, str], plan: Any, seen: set[tuple[str, str, str]],
                         events: Events) -> None:
     """A backend may build a layer in another precision than asked (a format limit): never silently. Each
@@ -178,12 +186,17 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
             progress: Progress | None) -> dict[str, Any]:
     model = load_model(model_src, staging / "reference.onnx", input_shape)
+    for text in model.notes:
+        echo(f"model: {text}")
+    if model.prequantized:
+        echo(f"model: already quantized ({', '.join(model.prequantized)} nodes): deployed as it is where a backend "
+             f"runs it, refused with the reason where not; no calibration")
     for text in spec.unmatched_overrides({n: layer.op_type for n, layer in model.layers.items()}):
         echo(f"warning: spec {text}")
     calib_ds = open_data(calib, model, "calibration", spec.calibration)
     val_ds = open_data(val, model, "validation")
     resolutions = _resolutions(profile, registry, model, spec, only)
-    if calib_ds is None and any(r.runnable and _needs_ranges(r.spec) for r in resolutions):
+    if calib_ds is None and any(r.runnable and _needs_ranges(r.spec, model) for r in resolutions):
         raise DataError("static INT8 needs calibration data: pass --calib (a folder of .npy files or an .npz)")
     val_source = str(val) if val_ds else "calibration data" if calib_ds else "random inputs"
     if val_ds is None:
@@ -212,13 +225,15 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     range_cache: dict[tuple, ActivationRanges] = {}
 
     def ranges_for(s: QuantSpec) -> ActivationRanges | None:
-        if not _needs_ranges(s):
+        if not _needs_ranges(s, model):
             return None
         key = (s.activations.method, s.activations.momentum, s.activations.percentile, s.activations.symmetric)
         if key not in range_cache:
             echo(f"calibrating: {calib_ds.count} samples, {s.activations.method} observers")
             cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
-            range_cache[key] = collect_ranges(model, calib_ds, s.activations, cb)
+            found = range_cache[key] = collect_ranges(model, calib_ds, s.activations, cb)
+            for tensor, why in found.nonfinite.items():
+                echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
         return range_cache[key]
 
     sens_x = {k: v[:SENSITIVITY_SAMPLES] for k, v in val_x.items()}
@@ -230,6 +245,8 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         res.emit_all(events)
         for w in res.warnings:
             echo(f"warning: {res.target.label}: {w}")
+        for line in res.info:
+            echo(f"{res.target.label}: {line}")
         if not res.runnable:
             continue
         label, rspec, backend = res.target.label, res.spec, res.backend
@@ -241,8 +258,9 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             stage = "build"
             try:
                 plan = backend.translate(model, rspec, res.target, lp)
-                _record_translation(res, lp, plan, changed, events)
                 plan = backend.calibrate(plan, ranges, calib_ds)
+                _keep_unranged_float(plan, ranges)
+                _record_translation(res, lp, plan, changed, events)
                 art = backend.build(plan, work / f"{label.replace(':', '-')}-{i}")
                 stage = "load"
                 runner = backend.runner(art.path, art.meta)
@@ -308,7 +326,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             raise StrictPolicyError(f"policy is strict and no backend of profile {profile.name} can build this "
                                     f"model as specified here (the events above say why)")
         why = "; ".join(f"{e['target']}: [{e['code']}] {e['message']}" for e in events.items)
-        raise QDeployError(f"no backend of profile {profile.name} could build this model here ({why})")
+        raise NothingBuilt(f"no backend of profile {profile.name} could build this model here ({why})")
     built.sort(key=lambda a: not a["budget"]["passed"])  # verified artifacts first, in chain order
 
     ref_path = staging / "reference.onnx"
@@ -325,6 +343,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         "model": model.describe(), "spec": spec.to_dict(),
         "profile": {"name": profile.name, "sha256": profile.sha256, "data": profile.to_dict()},
         "calibration": {"samples": calib_ds.count if calib_ds else 0, "method": spec.activations.method,
+                        "nonfinite": {t: why for r in range_cache.values() for t, why in r.nonfinite.items()},
                         "source": str(calib) if isinstance(calib, (str, Path)) else "python"},
         "validation": {"samples": len(next(iter(val_x.values()))), "source": val_source},
         "reference": {"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": ref_size,

@@ -25,7 +25,7 @@ PRECISIONS = ("int8", "fp8", "fp16", "bf16", "fp32")
 QUANTIZED = ("int8", "fp8")
 """Precisions stored as 8-bit codes with a scale: weights and static activations need calibrated ranges."""
 CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
-ACTIVATION_MODES = ("static", "dynamic", "none")
+ACTIVATION_MODES = ("auto", "static", "dynamic", "none")
 POLICIES = ("strict", "warn", "auto")
 BUDGET_MODES = ("absolute", "relative")
 HIGHER_IS_BETTER = {"cosine": True, "sqnr_db": True, "top1_agreement": True, "top1_accuracy": True,
@@ -80,12 +80,13 @@ class WeightSpec:
 class ActivationSpec:
     """How activations are quantized.
 
-    ``mode``: ``static`` (ranges calibrated ahead of time), ``dynamic`` (computed per batch at run time) or
-    ``none`` (weight-only). ``method`` picks the calibration observer; ``momentum`` is for
+    ``mode``: ``static`` (ranges calibrated ahead of time), ``dynamic`` (computed per batch at run time),
+    ``none`` (weight-only) or ``auto``: dynamic for transformer-like graphs (no convolution; MatMul/Gemm layers
+    and a Softmax) on a backend that runs dynamic INT8, static otherwise -- resolved per backend entry. ``method`` picks the calibration observer; ``momentum`` is for
     ``moving_average``, ``percentile`` (e.g. 99.99) for ``percentile``.
     """
 
-    mode: str = _choices(*ACTIVATION_MODES, default="static")
+    mode: str = _choices(*ACTIVATION_MODES, default="auto")
     symmetric: bool = False
     method: str = _choices(*CALIBRATION_METHODS, default="minmax")
     momentum: float = 0.9

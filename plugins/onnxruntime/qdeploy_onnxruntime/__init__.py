@@ -22,6 +22,20 @@ from qdeploy.fallback import summarize_precision
 hookimpl = pluggy.HookimplMarker("qdeploy")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DYNAMIC_OPS = ("MatMul", "Gemm")
+RENAMING_FUSIONS = ("MatMulAddFusion", "GemmActivationFusion", "GemmSumFusion", "GemmTransposeFusion",
+                    "MatMulScaleFusion", "MatmulTransposeFusion")
+"""onnxruntime fusions that replace a layer's node by a new one: off while pre-processing for quantization."""
+STATIC_OPS = {
+    # convolutional graphs: the weighted ops plus what onnxruntime fuses into integer kernels around them
+    # (QLinearConv chains through Relu/Clip/pools, QLinearAdd for residuals, QLinearConcat, QLinearSigmoid);
+    # never Softmax, LayerNormalization, Where or Gather: that is where accuracy goes and no speed comes back
+    "cnn": ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "Relu", "Clip", "LeakyRelu",
+            "Sigmoid", "HardSigmoid", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Transpose",
+            "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Pad"),
+    # transformers: MatMul/Gemm only; the residual Adds, the normalisations, Softmax and the mask arithmetic
+    # stay float (quantizing them is what breaks transformer INT8)
+    "transformer": ("MatMul", "Gemm"),
+}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -61,10 +75,10 @@ class OnnxRuntimeBackend(Backend):
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
         lp = dict(layer_precisions)
         used = set(lp.values())
-        if _prequantized(model.onnx_path):  # e.g. a converted QAT model: deploy its own Q/DQ, never re-quantize
+        if model.prequantized:  # a converted QAT model, a quantized export: deploy it as it is, never re-quantize
             if used - {"int8"} and spec.precision != "fp32":
-                raise BackendError("this model is already quantized (it has QuantizeLinear/DequantizeLinear nodes): "
-                                   "its layers' precisions are fixed by them", "PRECISION_UNSUPPORTED")
+                raise BackendError(f"this model is already quantized (it has {', '.join(model.prequantized)} nodes): "
+                                   f"its layers' precisions are fixed by them", "PRECISION_UNSUPPORTED")
             return Plan(self.name, model, spec, target, {n: "int8" for n in lp}, state={"prequantized": True})
         reasons: dict[str, str] = {}
         if "int8" in used and ({"fp16", "bf16"} & used):
@@ -79,10 +93,22 @@ class OnnxRuntimeBackend(Backend):
         mode = spec.activations.mode
         if "int8" in used and mode == "dynamic":
             for name, layer in model.layers.items():  # never dynamic INT8 for convolutions (measured slow)
-                if lp[name] == "int8" and layer.op_type not in DYNAMIC_OPS:
+                if lp[name] != "int8":
+                    continue
+                if layer.op_type not in DYNAMIC_OPS:
                     lp[name] = "fp32"
                     reasons[name] = (f"dynamic INT8 in onnxruntime is for {'/'.join(DYNAMIC_OPS)} only "
                                      f"({layer.op_type} measured slower than FP32); use static activations")
+                elif not layer.weight:
+                    lp[name] = "fp32"
+                    reasons[name] = ("dynamic INT8 quantizes weights: an activation x activation MatMul has none "
+                                     "and stays FP32 (use static activations to quantize it)")
+        if "int8" in used and mode == "static":
+            recipe = STATIC_OPS[model.family]
+            for name, layer in model.layers.items():
+                if lp[name] == "int8" and layer.op_type not in recipe:
+                    lp[name] = "fp32"
+                    reasons[name] = f"the {model.family} recipe keeps {layer.op_type} in float"
         if "int8" in used and mode == "none":
             raise BackendError("weight-only INT8 is not an onnxruntime format; use static or dynamic activations",
                                "PRECISION_UNSUPPORTED")
@@ -101,6 +127,7 @@ class OnnxRuntimeBackend(Backend):
         elif "int8" in used and plan.spec.activations.mode == "static":
             self._static(plan, out, float_nodes, workdir)
             meta["format"] = "qdq"
+            meta["qdq"] = plan.state["qdq"]
         elif "int8" in used:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -123,25 +150,40 @@ class OnnxRuntimeBackend(Backend):
             meta["format"] = "fp32"
         if meta["format"] != "fp32":
             _strip_debug_metadata(out)
-        return Artifact(out, summarize_precision(lp), lp, meta)
+        return Artifact(out, "int8" if plan.state.get("prequantized") else summarize_precision(lp), lp, meta)
 
     def _static(self, plan: Plan, out: Path, float_nodes: list[str], workdir: Path) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         if plan.ranges is None:
             raise BackendError("static INT8 needs calibrated ranges; pass calibration data", "BUILD_FAILED")
-        spec, target = plan.spec, plan.target
+        spec, target, model = plan.spec, plan.target, plan.model
+        recipe = STATIC_OPS[model.family]
+        # a node is quantized only where every float activation it reads or writes has a finite range; the
+        # rest stay float (onnxruntime would write a scale of inf, or refuse a tensor without a range)
+        source = _preprocessed(Path(model.onnx_path), workdir, [layer.node for layer in model.layers.values()])
+        io = _float_activations(source, True)
+        ops = _op_types(source)
+        unranged = sorted(n for n, ts in io.items() if ops[n] in recipe and any(t not in plan.ranges.ranges for t in ts))
+        exclude = sorted(set(float_nodes) | set(unranged))
         cache = plan.ranges.save_ort_cache(workdir / "calibration.json")  # qdeploy's ranges, ORT's cache format
         act_type = QuantType.QInt8 if target.activation_dtype == "int8" else QuantType.QUInt8
+        per_channel = spec.weights.granularity.type == "per_channel"
+        if per_channel and model.opset < 13:
+            raise BackendError(f"per-channel weights need opset 13 and this graph is opset {model.opset} (onnx's "
+                               f"version converter could not upgrade it); use weights.granularity = "
+                               f"\"per_tensor\"", "GRANULARITY_UNSUPPORTED")
         with quiet(""):  # ORT logs a pre-processing hint at WARNING on every call
             quantize_static(
-                str(plan.model.onnx_path), str(out), calibration_data_reader=None, calibration_cache_path=cache,
+                str(source), str(out), calibration_data_reader=None, calibration_cache_path=cache,
                 quant_format=QuantFormat.QDQ, activation_type=act_type, weight_type=QuantType.QInt8,
-                per_channel=spec.weights.granularity.type == "per_channel",
-                reduce_range=bool(target.option("reduce_range", False)), nodes_to_exclude=float_nodes,
+                per_channel=per_channel, op_types_to_quantize=list(recipe),
+                reduce_range=bool(target.option("reduce_range", False)), nodes_to_exclude=exclude,
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": spec.activations.symmetric,
                                "WeightSymmetric": spec.weights.symmetric})
+        plan.state["qdq"] = {"recipe": model.family, "op_types": list(recipe),
+                             "float_for_unranged_input": unranged[:50], "float_for_unranged_count": len(unranged)}
 
     def runner(self, path: Path, meta: Mapping[str, Any]) -> OrtRunner:
         provider = meta.get("provider", "cpu")
@@ -149,12 +191,44 @@ class OnnxRuntimeBackend(Backend):
         return OrtRunner(path, providers)
 
 
-def _prequantized(path: Path) -> bool:
-    """True when the model already carries its quantization as Q/DQ nodes (a converted QAT model)."""
+def _preprocessed(reference: Path, workdir: Path, nodes: list[str]) -> Path:
+    """The reference after onnxruntime's basic graph optimisations (BatchNormalization folded into the
+    convolution, constants folded, Identity removed), which ``quantize_static`` asks for. Fusions that rename
+    a layer's node (MatMul+Add -> Gemm) are off; if a layer's node is gone all the same, the reference is used
+    as it is (layer names address nodes). A fused convolution writes the tensor its BatchNormalization wrote,
+    so the calibrated ranges still apply."""
+    import onnx
+    import onnxruntime as ort
+
+    out = workdir / "preprocessed.onnx"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(out)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(reference), opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(RENAMING_FUSIONS))
+    kept = {n.name for n in onnx.load(str(out), load_external_data=False).graph.node}
+    return out if set(nodes) <= kept else reference
+
+
+def _float_activations(path: Path, outputs: bool = False) -> dict[str, list[str]]:
+    """Per node: the float activation tensors it reads (and writes, with ``outputs``): not initializers, not
+    integer or boolean tensors (shapes, ids, masks), by onnx's shape inference."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+    proto = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    inits = {t.name for t in proto.graph.initializer}
+    return {n.name: [t for t in list(n.input) + (list(n.output) if outputs else [])
+                     if t and t not in inits and types.get(t) == onnx.TensorProto.FLOAT] for n in proto.graph.node}
+
+
+def _op_types(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {n.name: n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
 def _strip_debug_metadata(path: Path) -> None:

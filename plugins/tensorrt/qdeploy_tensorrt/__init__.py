@@ -83,6 +83,11 @@ class TensorRTBackend(Backend):
         return notes
 
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
+        integer_ops = sorted(set(model.prequantized) - {"QuantizeLinear", "DequantizeLinear"})
+        if integer_ops:
+            raise BackendError(f"TensorRT does not run {', '.join(integer_ops)} (it takes explicit quantization as "
+                               f"QuantizeLinear/DequantizeLinear pairs): deploy this already-quantized model with "
+                               f"onnxruntime, or give its FP32 original", "OP_UNSUPPORTED")
         lp = dict(layer_precisions)
         used = set(lp.values())
         bad = used - set(BUILDS)
@@ -99,7 +104,7 @@ class TensorRTBackend(Backend):
         if quantized:
             w, act = spec.weights, spec.activations
             kinds = "/".join(q.upper() for q in quantized)
-            if act.mode != "static":
+            if act.mode not in ("static", "auto"):  # auto resolves to static here: there is no dynamic INT8
                 raise BackendError(f"TensorRT explicit quantization needs static activation scales, not "
                                    f"{act.mode!r}", "PRECISION_UNSUPPORTED")
             if w.bits != 8 or isinstance(w.granularity, PerGroup):

@@ -119,7 +119,7 @@ def prepare(model: torch.nn.Module, spec: Any = None, example_inputs: tuple | No
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"qat.prepare takes a torch.nn.Module, not a {type(model).__name__}")
     spec = load_spec(spec)
-    if spec.activations.mode != "static":
+    if spec.activations.mode not in ("static", "auto"):  # auto: QAT trains calibrated (static) ranges
         raise ModelError(f"QAT trains static quantization; the spec has activations.mode = "
                          f"{spec.activations.mode!r}")
     if example_inputs is None:
