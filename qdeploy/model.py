@@ -25,6 +25,7 @@ QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
                  "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "DynamicQuantizeMatMul")
 """Op types that mean the model already carries its own quantization."""
+DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 MIN_OPSET = 13
 """Per-channel DequantizeLinear (an ``axis`` attribute) needs opset 13: older graphs are upgraded on intake."""
 _ONNX_TO_NUMPY = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 6: "int32", 7: "int64", 2: "uint8",
@@ -167,6 +168,11 @@ def _finish(proto: Any, reference_path: Path, source: str, fmt: str, sha: str, m
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
+    for node in proto.graph.node:  # exporter stack traces: paths of the exporting machine, no use downstream
+        keep = [p for p in node.metadata_props if p.key not in DEBUG_METADATA]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
     prequantized = tuple(sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS}))
     proto, notes = normalize(proto, upgrade=not prequantized)
     reference_path.parent.mkdir(parents=True, exist_ok=True)

@@ -232,14 +232,15 @@ def _op_types(path: Path) -> dict[str, str]:
 
 
 def _strip_debug_metadata(path: Path) -> None:
-    """Drop the exporter's per-node debug metadata (source lines, class hierarchies): not needed to run the
-    artifact, and a few percent of a small model's size. The layer map lives in the manifest."""
+    """Drop the exporter's per-node debug metadata (source lines, class hierarchies) and inferred shapes: not
+    needed to run the artifact, and a few percent of a small model's size. The layer map lives in the manifest."""
     import onnx
 
     proto = onnx.load(str(path))
     for node in proto.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
+    del proto.graph.value_info[:]  # inferred shapes from pre-processing: onnxruntime infers them again
     onnx.save(proto, str(path))
 
 

@@ -161,10 +161,20 @@ def _fx(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -> t
 
 
 def _save_script(module: torch.nn.Module, example: tuple, out: Path) -> None:
+    """Trace, freeze and save; then drop the archive's ``*.debug_pkl`` entries: stack traces with the paths of
+    this machine, which the loader does not need (a tenth of a small model's size, and it varied by path)."""
+    import zipfile
+
     with torch.no_grad():
         traced = torch.jit.trace(module.eval(), example, check_trace=False)
         frozen = torch.jit.freeze(traced)
-    frozen.save(str(out))
+    raw = out.with_suffix(".debug.ts")
+    frozen.save(str(raw))
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                dst.writestr(info, src.read(info.filename))
+    raw.unlink()
 
 
 def _dynamic(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -> tuple[Path, dict]:
