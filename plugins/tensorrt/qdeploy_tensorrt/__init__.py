@@ -119,6 +119,15 @@ class TensorRTBackend(Backend):
                 events.append(("GRANULARITY_UNSUPPORTED", msg))
         return Plan(self.name, model, spec, target, lp, state={"events": events})
 
+    def calibrate(self, plan: Plan, ranges: Any, data: Any) -> Plan:
+        """Keep the ranges, and the sample shape of the data: it fixes the dimensions the model leaves dynamic
+        beyond the batch (an engine's optimization profile needs them)."""
+        plan.ranges = ranges
+        if data is not None:
+            first, _ = next(data.batches(1))
+            plan.state["data_shapes"] = {k: [int(d) for d in v.shape[1:]] for k, v in first.items()}
+        return plan
+
     def build(self, plan: Plan, workdir: Path) -> Artifact:
         folder = workdir / "tensorrt"
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +146,7 @@ class TensorRTBackend(Backend):
                                       plan.spec.weights.granularity.type == "per_channel", workdir, fp8_nodes)
             import onnx
             problems = check_rules(onnx.load(str(folder / onnx_name)), int8_nodes,
-                                   [model.layers[n].node for n in float_layers], fp8_nodes)
+                                   [model.layers[n].node for n in float_layers], fp8_nodes, plan.ranges.nonfinite)
             if problems:
                 raise BackendError("the Q/DQ graph breaks TensorRT's rules: " + "; ".join(problems), "BUILD_FAILED")
             meta["qdq"] = summary
@@ -158,7 +167,8 @@ class TensorRTBackend(Backend):
             "builder_flags": flags, "precision_constraints": constraints, "layer_precisions": lp,
             "workspace_mb": int(target.option("workspace_mb", DEFAULT_WORKSPACE_MB)),
             "shapes": shapes_for([{"name": i.name, "shape": list(i.shape)} for i in model.inputs],
-                                 int(target.option("opt_batch", 32)), int(target.option("max_batch", 256))),
+                                 int(target.option("opt_batch", 32)), int(target.option("max_batch", 256)),
+                                 plan.state.get("data_shapes", {})),
             "timing_cache": "timing.cache",
         }
         (folder / BUILD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

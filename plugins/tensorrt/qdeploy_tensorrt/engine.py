@@ -69,15 +69,21 @@ def tensorrt_status() -> tuple[bool, str, str, str]:
     return True, "", version, f"{gpu[0]} (sm_{gpu[1].replace('.', '')})"
 
 
-def shapes_for(inputs: list[Mapping[str, Any]], opt_batch: int, max_batch: int) -> dict[str, dict[str, list[int]]]:
-    """The optimization profile: min/opt/max shape per input; a dynamic (None) dimension 0 is the batch."""
+def shapes_for(inputs: list[Mapping[str, Any]], opt_batch: int, max_batch: int,
+               data_shapes: Mapping[str, list[int]] | None = None) -> dict[str, dict[str, list[int]]]:
+    """The optimization profile: min/opt/max shape per input; a dynamic (None) dimension 0 is the batch. A
+    dynamic dimension beyond the batch takes the size the calibration data has there (``data_shapes``: one
+    sample's shape per input); the engine then runs that size only."""
     out = {}
     for info in inputs:
         shape = list(info["shape"])
+        sample = list((data_shapes or {}).get(info["name"], []))
         if any(d is None for d in shape[1:]):
-            raise BackendError(f"input {info['name']!r} has dynamic dimensions beyond the batch ({shape}); TensorRT "
-                               f"needs their range: export the model with fixed non-batch dimensions",
-                               "BUILD_FAILED")
+            if len(sample) != len(shape) - 1:
+                raise BackendError(f"input {info['name']!r} has dynamic dimensions beyond the batch ({shape}) and "
+                                   f"no calibration data fixes them; TensorRT needs their range: pass --calib, or "
+                                   f"export the model with fixed non-batch dimensions", "BUILD_FAILED")
+            shape = [shape[0], *(s if d is None else d for d, s in zip(shape[1:], sample))]
         if shape and shape[0] is None:
             rest = [int(d) for d in shape[1:]]
             out[info["name"]] = {"min": [1, *rest], "opt": [opt_batch, *rest], "max": [max_batch, *rest]}

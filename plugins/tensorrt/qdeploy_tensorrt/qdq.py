@@ -213,13 +213,15 @@ def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8
 
 
 def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str] = (),
-                fp8_nodes: Iterable[str] = ()) -> list[str]:
+                fp8_nodes: Iterable[str] = (), unranged: Iterable[str] = ()) -> list[str]:
     """Every way ``proto`` breaks R1-R8 for the given INT8, float (promoted) and FP8 weighted nodes; empty if
-    none."""
+    none. ``unranged`` tensors (inf/NaN or mask fills on the calibration data) cannot be quantized: an Add
+    whose residual input is one of them is not fused by TensorRT and runs in float, which R6 allows."""
     import ml_dtypes
 
     from onnx import numpy_helper
 
+    skip = set(unranged)
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     consts = {n.output[0]: numpy_helper.to_array(a.t) for n in proto.graph.node if n.op_type == "Constant"
               for a in n.attribute if a.name == "value"}
@@ -311,7 +313,8 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
         fused = [i for i, s in enumerate(srcs) if s is not None and s.name in int8 and s.op_type in WEIGHTED_OPS]
         if len(fused) == 1:
             other = srcs[1 - fused[0]]
-            if n.input[1 - fused[0]] not in inits and (other is None or other.op_type != "DequantizeLinear"):
+            residual = n.input[1 - fused[0]]
+            if residual not in inits and residual not in skip and (other is None or other.op_type != "DequantizeLinear"):
                 problems.append(f"R6 {n.name}: residual input {n.input[1 - fused[0]]!r} of an Add fed by quantized "
                                 f"{srcs[fused[0]].name} has no Q/DQ")
     return problems

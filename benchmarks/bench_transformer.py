@@ -1,0 +1,135 @@
+"""Transformer INT8 on CPU: qdeploy's recipes against onnxruntime's own quantizers on the same data.
+
+The zoo's BERT sentence encoder (examples/zoo.py: 2 layers, trained here on CPython's docs, sdpa attention with
+the -inf / float-min mask fill), both ONNX exports (dynamo=False and dynamo=True). Each recipe is scored by mean
+cosine of the embeddings to FP32 on held-out text, and timed interleaved with the FP32 model in this process:
+batch 8, one intra-op thread, round-robin rounds, median.
+
+    python benchmarks/bench_transformer.py [--calib 300] [--val 200] [--rounds 30]
+
+Prints a table and writes build/bench/transformer.json. Measured with onnxruntime on this host's CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import zoo  # noqa: E402
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, feeds: dict[str, np.ndarray], batch: int = 8) -> np.ndarray:
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0]
+                           for i in range(0, n, batch)])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-30), 1.0)))
+
+
+def interleaved_ms(sessions: dict[str, object], feed: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
+    """Median latency per session of one batch, timed round-robin so load changes hit all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feed)
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def ort_reader(calib: dict[str, np.ndarray]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            n = len(next(iter(calib.values())))
+            self.it = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(n)])
+
+        def get_next(self):
+            return next(self.it, None)
+    return Reader()
+
+
+def recipes(src: Path, calib_npz: Path, val_npz: Path, work: Path, calib: dict[str, np.ndarray]) -> dict[str, Path]:
+    import qdeploy
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    out: dict[str, Path] = {}
+    for label, spec in (("qdeploy default (auto -> dynamic)", None),
+                        ("qdeploy static recipe", {"activations": {"mode": "static"}})):
+        full = {"budget": {"metric": "cosine", "threshold": 0.5}, "fallback": {"max_trials": 0}, **(spec or {})}
+        b = qdeploy.deploy(str(src), target="x86-avx512-vnni", spec=full, calib=calib_npz, val=val_npz,
+                           output=work / label.split()[1], backends=["onnxruntime"])
+        out[label] = b.path / b.artifacts[0]["path"]
+    out["ort quantize_static, defaults"] = work / "ort_static_default.onnx"
+    quantize_static(str(src), str(out["ort quantize_static, defaults"]), ort_reader(calib))
+    out["ort quantize_static, MatMul, per-channel"] = work / "ort_static_matmul.onnx"
+    quantize_static(str(src), str(out["ort quantize_static, MatMul, per-channel"]), ort_reader(calib),
+                    quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["MatMul"])
+    out["ort quantize_dynamic, per-channel"] = work / "ort_dynamic.onnx"
+    quantize_dynamic(str(src), str(out["ort quantize_dynamic, per-channel"]), per_channel=True,
+                     weight_type=QuantType.QInt8)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib", type=int, default=300)
+    ap.add_argument("--val", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-transformer-") as tmp:
+        for name in ("bert-encoder", "bert-encoder-dynamo"):
+            model = zoo.get(name)
+            data = model.prepare(Path(tmp) / name / "data", args.calib, args.val)
+            calib, val = dict(np.load(data / "calib.npz")), dict(np.load(data / "val.npz"))
+            src = Path(model.model_path())
+            work = Path(tmp) / name
+            arts = recipes(src, data / "calib.npz", data / "val.npz", work, calib)
+            ref = session(src)
+            ref_out = run(ref, val)
+            sessions = {"fp32": ref, **{k: session(p) for k, p in arts.items()}}
+            feed = {k: v[:8] for k, v in val.items()}
+            lat = interleaved_ms(sessions, feed, args.rounds)
+            for label, path in arts.items():
+                rows.append({"model": name, "recipe": label, "cosine": cosine(ref_out, run(sessions[label], val)),
+                             "speed_vs_fp32": lat["fp32"] / lat[label], "latency_ms": lat[label],
+                             "fp32_latency_ms": lat["fp32"], "size_vs_fp32": path.stat().st_size / src.stat().st_size})
+    print(f"{'model':20s} {'recipe':42s} {'cosine':>8s} {'speed':>7s} {'size':>6s}")
+    for r in rows:
+        print(f"{r['model']:20s} {r['recipe']:42s} {r['cosine']:8.4f} {r['speed_vs_fp32']:6.2f}x "
+              f"{r['size_vs_fp32']:5.2f}x")
+    out = ROOT / "build" / "bench" / "transformer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"measured_on": "onnxruntime, this host's CPU, 1 intra-op thread, batch 8, "
+                               "interleaved rounds (median)", "calib": args.calib, "val": args.val, "rows": rows},
+                              indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
