@@ -171,11 +171,16 @@ class OrtRunner(Runner):
     """An onnxruntime session: the FP32 reference runner, and the runner of every ONNX artifact."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0,
-                 disabled_optimizers: tuple[str, ...] = ()) -> None:
+                 disabled_optimizers: tuple[str, ...] = (), basic_only: bool = False) -> None:
+        """``basic_only`` keeps onnxruntime to its basic graph optimisations: Q/DQ pairs then run as the float
+        arithmetic the ONNX standard defines instead of being fused into this CPU's integer kernels (on AVX2
+        without VNNI those saturate u8 x s8 pairs in int16), which is what simulating another runtime needs."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if basic_only:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

@@ -18,7 +18,7 @@ import numpy as np
 from .backend import Artifact, Backend, Capabilities
 from .errors import BackendError
 from .profiles import BackendTarget
-from .spec import PRECISIONS, QUANTIZED, PerChannel, PerTensor, QuantSpec
+from .spec import PRECISIONS, QUANTIZED, PerChannel, PerTensor, QuantSpec, summarize_precision
 
 REASON_CODES = ("BACKEND_UNAVAILABLE", "MODEL_FORMAT_UNSUPPORTED", "OP_UNSUPPORTED", "PRECISION_UNSUPPORTED",
                 "GRANULARITY_UNSUPPORTED", "ACCURACY_BELOW_BUDGET", "BUILD_FAILED", "LOAD_FAILED", "RUNTIME_ERROR",
@@ -195,11 +195,6 @@ def initial_layer_precisions(res: Resolution, layers: dict[str, Any]) -> tuple[d
             p = new
         out[name] = p
     return out, pinned
-
-
-def summarize_precision(layer_precisions: dict[str, str]) -> str:
-    used = sorted(set(layer_precisions.values()), key=PRECISIONS.index)
-    return used[0] if len(used) == 1 else "mixed " + "/".join(used) if used else "fp32"
 
 
 @dataclass

@@ -35,6 +35,12 @@ BOUNDED_METRICS = {"cosine": (-1.0, 1.0), "top1_agreement": (0.0, 1.0), "top1_ac
 """The value range of the bounded built-in metrics (an absolute budget outside it can never be met)."""
 
 
+def summarize_precision(layer_precisions: dict[str, str]) -> str:
+    """One word for a layer -> precision map: ``int8``, or ``mixed int8/fp32`` (ladder order); ``fp32`` if empty."""
+    used = sorted(set(layer_precisions.values()), key=PRECISIONS.index)
+    return used[0] if len(used) == 1 else "mixed " + "/".join(used) if used else "fp32"
+
+
 def _choices(*values: object, **kw: Any) -> Any:
     return field(metadata={"choices": values}, **kw)
 

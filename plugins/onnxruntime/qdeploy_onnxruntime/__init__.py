@@ -16,8 +16,8 @@ from typing import Any
 import pluggy
 
 from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, quiet
+from qdeploy.spec import summarize_precision
 from qdeploy.errors import BackendError
-from qdeploy.fallback import summarize_precision
 
 hookimpl = pluggy.HookimplMarker("qdeploy")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

@@ -28,8 +28,8 @@ import numpy as np
 import pluggy
 
 from qdeploy.backend import Artifact, Backend, Capabilities, Plan, Runner, quiet
+from qdeploy.spec import summarize_precision
 from qdeploy.errors import BackendError
-from qdeploy.fallback import summarize_precision
 
 from . import flatbuffer
 

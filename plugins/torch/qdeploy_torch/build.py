@@ -12,8 +12,8 @@ import torch
 
 from qdeploy.backend import Artifact, Plan
 from qdeploy.backend import quiet as backend_quiet
+from qdeploy.spec import summarize_precision
 from qdeploy.errors import BackendError
-from qdeploy.fallback import summarize_precision
 
 from . import quantize as q
 
