@@ -131,12 +131,17 @@ class OnnxRuntimeBackend(Backend):
         elif "int8" in used:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            # transformers: the embedding tables too (Gather of a weight, stored int8 and dequantized on lookup),
+            # most of a small encoder's size
+            dynamic_ops = list(DYNAMIC_OPS) + (["Gather"] if plan.model.family == "transformer" else [])
+
             with quiet(""):  # ORT logs a pre-processing hint at WARNING on every call
-                quantize_dynamic(str(plan.model.onnx_path), str(out), op_types_to_quantize=list(DYNAMIC_OPS),
+                quantize_dynamic(str(plan.model.onnx_path), str(out), op_types_to_quantize=dynamic_ops,
                                  per_channel=plan.spec.weights.granularity.type == "per_channel",
                                  weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
                                  extra_options={"WeightSymmetric": plan.spec.weights.symmetric})
             meta["format"] = "dynamic"
+            meta["dynamic_op_types"] = dynamic_ops
         elif "fp16" in used:
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
