@@ -74,7 +74,7 @@ class Dataset:
 
     def arrays(self) -> Batch:
         """All samples at once (for validation sets, which are small)."""
-        parts = list(self.batches(max(self.batch_size, 256)))
+        parts = list(self.batches(max(self.count, 1)))  # one part: in-memory data comes back uncopied
         return _merge([p[0] for p in parts], [p[1] for p in parts])
 
     def _check(self, x: dict[str, np.ndarray], offset: int) -> dict[str, np.ndarray]:
@@ -105,6 +105,8 @@ class Dataset:
 
 
 def _merge(xs: list[dict[str, np.ndarray]], ys: list) -> Batch:
+    if len(xs) == 1:  # one part: no copy (a slice of the caller's arrays)
+        return xs[0], ys[0]
     x = {k: np.concatenate([b[k] for b in xs]) for k in xs[0]}
     y = None if any(v is None for v in ys) else np.concatenate(ys)
     return x, y

@@ -23,7 +23,7 @@ from .profiles import Profile, detect_profile_name, load_profile_file
 from .report import markdown_report
 from .simulate import layer_sensitivity
 from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
-from .verify import budget_output, check_budget, is_classifier, latency_ms, output_metrics, run_all
+from .verify import batch_for, budget_output, check_budget, is_classifier, latency_ms, output_metrics, run_all
 
 Echo = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -370,7 +370,7 @@ def _latency_host(val_x: dict[str, np.ndarray]) -> dict[str, Any]:
     gpu = gpu_compute_capability()
     return {"host": platform.node(), "machine": platform.machine(), "cpu": model_name, "cpus": os.cpu_count(),
             "avx512_vnni": "avx512_vnni" in cpu_flags(), "gpu": gpu[0] if gpu else None,
-            "batch": min(32, len(next(iter(val_x.values())))),
+            "batch": batch_for(val_x, 32),
             "note": "median of one batch in each artifact's own runtime on this host (GPU runtimes on the GPU); "
                     "vs-FP32 ratios compare with the FP32 reference in onnxruntime on this host's CPU"}
 
