@@ -20,6 +20,15 @@ QDEPLOY = str(Path(sys.executable).parent / "qdeploy")
 N_CALIB, N_VAL = 32, 16
 
 
+def _host_x86() -> str:
+    """The host's x86 profile: an artifact for a VNNI profile verified on an AVX2 host saturates in
+    onnxruntime's u8 x s8 kernels (measured: ddddocr cosine 0.58 vs 0.996 in float Q/DQ)."""
+    from qdeploy.profiles import detect_profile_name
+
+    name = detect_profile_name()
+    return name if name.startswith("x86") else "x86-avx512-vnni"
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """name -> folder with calib.npz and val.npz (prepared once per module)."""
@@ -55,11 +64,11 @@ def _spec(model: zoo.ZooModel) -> dict:
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_zoo_model_deploys_to_x86_cpu(name, prepared, tmp_path):
-    """Every CPU backend of the x86 profile, on each zoo model: a verified artifact from each backend that
+    """Every CPU backend of the host's x86 profile, on each zoo model: a verified artifact from each backend that
     takes the format, a one-line reason from each that does not."""
     model = zoo.get(name)
     data = prepared(name)
-    rc, text = _deploy(model, data, tmp_path / "b", "--target", "x86-avx512-vnni", spec=_spec(model))
+    rc, text = _deploy(model, data, tmp_path / "b", "--target", _host_x86(), spec=_spec(model))
     if model.fmt == "tflite":  # no backend takes a .tflite as input: one line saying what to give instead
         assert rc == 2 and "tflite" in text.lower() and len(text.strip().splitlines()) == 1, text
         return
@@ -74,9 +83,9 @@ def test_zoo_model_deploys_to_x86_cpu(name, prepared, tmp_path):
         assert art["verified_on"] == "runtime" and model.metric in art["metrics"]
     if model.fmt == "torch":  # a PyTorch module: every CPU backend takes it
         assert {"torch", "tflite"} <= set(arts), manifest["events"]
-    else:
-        skipped = {e["target"] for e in manifest["events"] if e["code"] == "MODEL_FORMAT_UNSUPPORTED"}
-        assert {"torch:x86", "tflite:cpu"} & skipped or not skipped
+    else:  # an ONNX file: the torch and TFLite backends take PyTorch modules and say so
+        refused = {e["target"].split(":")[0] for e in manifest["events"] if e["code"] == "MODEL_FORMAT_UNSUPPORTED"}
+        assert {"torch", "tflite"} <= refused, manifest["events"]
 
 
 @pytest.mark.parametrize("name", sorted(n for n, m in zoo.ZOO.items() if m.fmt == "onnx"))
@@ -99,7 +108,7 @@ def test_transformer_default_deploy_meets_cosine_099(name, prepared, tmp_path):
     """No spec at all: the transformer is deployed with dynamic per-channel INT8 MatMuls on the x86 profile's
     onnxruntime entry and keeps cosine >= 0.99 to FP32 on real text."""
     model = zoo.get(name)
-    rc, text = _deploy(model, prepared(name), tmp_path / "b", "--target", "x86-avx512-vnni", "--backend",
+    rc, text = _deploy(model, prepared(name), tmp_path / "b", "--target", _host_x86(), "--backend",
                        "onnxruntime")
     assert rc == 0, text[-3000:]
     assert "activations.mode auto -> dynamic" in text
