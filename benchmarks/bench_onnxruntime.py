@@ -38,9 +38,9 @@ def median_latency(runners: dict, feed: dict, rounds: int, budget_s: float) -> d
     return {k: float(np.median(v) * 1000) for k, v in times.items()}
 
 
-def direct_quantize_static(fp32: Path, out: Path, calib: dict[str, np.ndarray]) -> Path:
-    """onnxruntime's own static quantization with its defaults, fed the same calibration samples."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+def calibration_reader(calib: dict[str, np.ndarray]):
+    """onnxruntime's CalibrationDataReader over named arrays, one sample per read."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -49,8 +49,14 @@ def direct_quantize_static(fp32: Path, out: Path, calib: dict[str, np.ndarray]) 
 
         def get_next(self):
             return next(self.it, None)
+    return Reader()
 
-    quantize_static(str(fp32), str(out), Reader())
+
+def direct_quantize_static(fp32: Path, out: Path, calib: dict[str, np.ndarray]) -> Path:
+    """onnxruntime's own static quantization with its defaults, fed the same calibration samples."""
+    from onnxruntime.quantization import quantize_static
+
+    quantize_static(str(fp32), str(out), calibration_reader(calib))
     return out
 
 

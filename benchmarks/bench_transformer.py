@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,53 +23,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 import zoo  # noqa: E402
+from bench_onnxruntime import calibration_reader, direct_quantize_static, median_latency  # noqa: E402
+
+from qdeploy.backend import OrtRunner  # noqa: E402
+from qdeploy.verify import run_all  # noqa: E402
 
 
-def session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def session(path: Path) -> OrtRunner:
+    return OrtRunner(path, threads=1)
 
 
-def run(sess, feeds: dict[str, np.ndarray], batch: int = 8) -> np.ndarray:
-    n = len(next(iter(feeds.values())))
-    return np.concatenate([sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0]
-                           for i in range(0, n, batch)])
+def run(runner: OrtRunner, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return run_all(runner, feeds, batch=8)[runner.output_names[0]]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return float(np.mean(np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-30), 1.0)))
-
-
-def interleaved_ms(sessions: dict[str, object], feed: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
-    """Median latency per session of one batch, timed round-robin so load changes hit all of them alike."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        s.run(None, feed)
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
-def ort_reader(calib: dict[str, np.ndarray]):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            n = len(next(iter(calib.values())))
-            self.it = iter([{k: v[i:i + 1] for k, v in calib.items()} for i in range(n)])
-
-        def get_next(self):
-            return next(self.it, None)
-    return Reader()
 
 
 def recipes(src: Path, calib_npz: Path, val_npz: Path, work: Path, calib: dict[str, np.ndarray]) -> dict[str, Path]:
@@ -85,9 +55,9 @@ def recipes(src: Path, calib_npz: Path, val_npz: Path, work: Path, calib: dict[s
                            output=work / label.split()[1], backends=["onnxruntime"])
         out[label] = b.path / b.artifacts[0]["path"]
     out["ort quantize_static, defaults"] = work / "ort_static_default.onnx"
-    quantize_static(str(src), str(out["ort quantize_static, defaults"]), ort_reader(calib))
+    direct_quantize_static(src, out["ort quantize_static, defaults"], calib)
     out["ort quantize_static, MatMul, per-channel"] = work / "ort_static_matmul.onnx"
-    quantize_static(str(src), str(out["ort quantize_static, MatMul, per-channel"]), ort_reader(calib),
+    quantize_static(str(src), str(out["ort quantize_static, MatMul, per-channel"]), calibration_reader(calib),
                     quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["MatMul"])
     out["ort quantize_dynamic, per-channel"] = work / "ort_dynamic.onnx"
     quantize_dynamic(str(src), str(out["ort quantize_dynamic, per-channel"]), per_channel=True,
@@ -114,7 +84,7 @@ def main() -> None:
             ref_out = run(ref, val)
             sessions = {"fp32": ref, **{k: session(p) for k, p in arts.items()}}
             feed = {k: v[:8] for k, v in val.items()}
-            lat = interleaved_ms(sessions, feed, args.rounds)
+            lat = median_latency(sessions, feed, args.rounds, budget_s=600.0)
             for label, path in arts.items():
                 rows.append({"model": name, "recipe": label, "cosine": cosine(ref_out, run(sessions[label], val)),
                              "speed_vs_fp32": lat["fp32"] / lat[label], "latency_ms": lat[label],

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 os.environ.setdefault("QDEPLOY_TFLITE_THREADS", "1")
 
 import zoo  # noqa: E402
+from bench_onnxruntime import median_latency  # noqa: E402
 
 QDEPLOY = str(Path(sys.executable).parent / "qdeploy")
 
@@ -83,17 +84,10 @@ def interleaved(bundle_dir: Path, feed: dict[str, np.ndarray], rounds: int) -> d
             continue
         runners[a["id"]] = (OrtRunner(b.path / a["path"], threads=1) if a["backend"] == "onnxruntime"
                             else b.runner(a["id"]))
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in runners.values():
-        r.infer(feed)
-    for _ in range(rounds):
-        for k, r in runners.items():
-            t = time.perf_counter()
-            r.infer(feed)
-            times[k].append((time.perf_counter() - t) * 1e3)
+    lat = median_latency(runners, feed, rounds, budget_s=600.0)
     for r in runners.values():
         r.close()
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return lat
 
 
 def main() -> None:
