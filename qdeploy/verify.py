@@ -2,8 +2,8 @@
 
 Backends run models; this module compares (Polygraphy's split). Metrics per output: ``max_abs``,
 ``mean_abs``, ``cosine`` (mean per-sample cosine similarity), ``sqnr_db``, and for classifier outputs
-(``[N, C]`` with C > 1) ``top1_agreement``, plus ``top1_accuracy`` when labels are given, plus any metric a
-plugin registered.
+(``[N, C]`` with C > 1, not an L2-normalised embedding: see :func:`is_classifier`) ``top1_agreement``, plus
+``top1_accuracy`` when labels are given, plus any metric a plugin registered.
 """
 from __future__ import annotations
 
@@ -24,7 +24,15 @@ SQNR_CAP_DB = 300.0
 
 
 def is_classifier(arr: np.ndarray) -> bool:
-    return arr.ndim == 2 and arr.shape[1] > 1
+    """A batch of class scores: 2-D with more than one column, and not an embedding -- rows of unit L2 norm
+    with signed values (a sentence encoder's L2-normalised output has no "top-1 class")."""
+    if arr.ndim != 2 or arr.shape[1] <= 1:
+        return False
+    if arr.size and arr.min() < 0:
+        norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+        if np.allclose(norms, 1.0, atol=1e-3):
+            return False
+    return True
 
 
 def recorded_gap(got: np.ndarray, want: np.ndarray, rtol: float = 0.05) -> tuple[float, float]:

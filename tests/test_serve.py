@@ -618,3 +618,17 @@ def test_serving_reason_codes_are_the_core_ones():
     from qdeploy.serve import core
 
     assert {core.BACKEND_UNAVAILABLE, core.LOAD_FAILED, core.RUNTIME_ERROR, core.DRIFT_DETECTED} <= set(REASON_CODES)
+
+
+def test_serving_without_the_extra_says_which_to_install(monkeypatch):
+    """`pip install qdeploy` has no web framework: serving over HTTP names the extra instead of a traceback."""
+    import sys
+
+    import qdeploy.serve as serving
+    from qdeploy.errors import QDeployError
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if fastapi were not installed
+    monkeypatch.delitem(sys.modules, "qdeploy.serve.http", raising=False)
+    monkeypatch.delattr(serving, "http", raising=False)
+    with pytest.raises(QDeployError, match=r"pip install 'qdeploy\[serve\]'"):
+        serving.serve

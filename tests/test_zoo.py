@@ -114,3 +114,4 @@ def test_transformer_default_deploy_meets_cosine_099(name, prepared, tmp_path):
     assert "activations.mode auto -> dynamic" in text
     art = json.loads((tmp_path / "b" / "manifest.json").read_text())["artifacts"][0]
     assert art["precision"] != "fp32" and art["metrics"]["cosine"] >= 0.99, art["metrics"]
+    assert "top1_agreement" not in art["metrics"]  # an L2-normalised embedding is not a classifier

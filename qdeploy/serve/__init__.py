@@ -25,6 +25,12 @@ __all__ = ["load", "FallbackModel", "Prediction", "Event", "create_app", "serve"
 
 def __getattr__(name: str) -> Any:  # the HTTP layer (fastapi, uvicorn, prometheus_client) loads on first use
     if name in ("create_app", "serve", "start_server"):
-        from . import http
+        try:
+            from . import http
+        except ImportError as exc:  # `pip install qdeploy` without the serving extra
+            from ..errors import QDeployError
+
+            raise QDeployError(f"serving over HTTP needs the serving extra ({exc.name or exc} is not installed): "
+                               f"pip install 'qdeploy[serve]'") from None
         return getattr(http, name)
     raise AttributeError(f"module 'qdeploy.serve' has no attribute {name!r}")

@@ -155,7 +155,8 @@ class OnnxRuntimeBackend(Backend):
             meta["format"] = "fp32"
         if meta["format"] != "fp32":
             _strip_debug_metadata(out)
-        return Artifact(out, "int8" if plan.state.get("prequantized") else summarize_precision(lp), lp, meta)
+        return Artifact(out, "int8" if plan.state.get("prequantized") else summarize_precision(lp), lp, meta,
+                        events=list(plan.state.get("events", [])))
 
     def _static(self, plan: Plan, out: Path, float_nodes: list[str], workdir: Path) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -174,10 +175,11 @@ class OnnxRuntimeBackend(Backend):
         cache = plan.ranges.save_ort_cache(workdir / "calibration.json")  # qdeploy's ranges, ORT's cache format
         act_type = QuantType.QInt8 if target.activation_dtype == "int8" else QuantType.QUInt8
         per_channel = spec.weights.granularity.type == "per_channel"
-        if per_channel and model.opset < 13:
-            raise BackendError(f"per-channel weights need opset 13 and this graph is opset {model.opset} (onnx's "
-                               f"version converter could not upgrade it); use weights.granularity = "
-                               f"\"per_tensor\"", "GRANULARITY_UNSUPPORTED")
+        if per_channel and model.opset < 13:  # intake could not upgrade the graph: per-tensor, said
+            per_channel = False
+            plan.state.setdefault("events", []).append((
+                "GRANULARITY_UNSUPPORTED", f"per-channel weights need opset 13 and this graph is opset {model.opset} "
+                f"(onnx's version converter could not upgrade it): weights quantized per tensor"))
         with quiet(""):  # ORT logs a pre-processing hint at WARNING on every call
             quantize_static(
                 str(source), str(out), calibration_data_reader=None, calibration_cache_path=cache,
