@@ -1,8 +1,8 @@
-"""The built-in plugin: the hardware profiles shipped with qdeploy."""
+"""The built-in plugin: the hardware profiles shipped with qdeploy, and the `reference` backend."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pluggy
 
@@ -14,3 +14,10 @@ hookimpl = pluggy.HookimplMarker("qdeploy")
 @hookimpl
 def qdeploy_register_profiles(register: Callable[[Path], None]) -> None:
     register(builtin_profile_dir())
+
+
+@hookimpl
+def qdeploy_register_backends(register: Callable[[Any], None]) -> None:
+    from .reference import ReferenceBackend
+
+    register(ReferenceBackend())

@@ -97,3 +97,26 @@ def test_one_sample_and_odd_batches(deployed):
     assert five[key].shape[0] == 5 and one[key].shape[0] == 1
     np.testing.assert_allclose(five[key][:1], one[key], rtol=1e-3, atol=1e-3)
     runner.close()
+
+
+@pytest.fixture(scope="module")
+def reference_bundle(tmp_path_factory, digits_data):
+    """The same deploy through the built-in `reference` backend: the spec's numerics as fake quantization."""
+    return qdeploy.deploy(DIGITS_FACTORY, target="reference", spec=DIGITS_SPEC, calib=digits_data / "calib.npz",
+                          val=digits_data / "val.npz", output=tmp_path_factory.mktemp("conf-ref") / "bundle",
+                          input_shape="1x1x8x8")
+
+
+def test_agrees_with_the_reference_numerics(deployed, reference_bundle, digits_data):
+    """Every backend's INT8 artifact against the spec's exact numerics (the reference backend), on the
+    validation set: each runtime's kernels, rounding and fusions may differ a little, never by much."""
+    name, bundle = deployed
+    art = next(a for a in bundle.artifacts if a["backend"] == name)
+    x = {"input": dict(np.load(digits_data / "val.npz"))["input"]}
+    ref_art = reference_bundle.artifacts[0]
+    assert ref_art["backend"] == "reference" and ref_art["verified_on"] == "simulated"
+    want = run_all(reference_bundle.runner(ref_art["id"]), x)["output"]
+    got = run_all(bundle.runner(art["id"]), x)["output"]
+    agree = float(np.mean(want.argmax(1) == got.argmax(1)))
+    cos = float(np.mean(np.sum(want * got, 1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))))
+    assert agree >= 0.97 and cos >= 0.99, (name, agree, cos)

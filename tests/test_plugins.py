@@ -179,3 +179,22 @@ def test_profiles_registered_by_a_plugin(fresh_registry, tmp_path):
     pm2.register(Dup())
     with pytest.raises(PluginError, match="hardware profile 'edge-tpu'"):
         Registry.from_plugin_manager(pm2)
+
+
+def test_every_plugin_disabled_still_deploys_through_the_reference_backend(tmp_path, digits_data):
+    """QDEPLOY_DISABLED_PLUGINS naming every backend plugin: the built-in reference backend still deploys the
+    digits example (its artifact is simulated: it says what the spec means, and never serves)."""
+    import json
+
+    from conftest import DIGITS_FACTORY, DIGITS_SPEC
+
+    env = {**os.environ, "QDEPLOY_DISABLED_PLUGINS": "onnxruntime,torch,tflite,tensorrt"}
+    res = subprocess.run([str(Path(sys.executable).parent / "qdeploy"), "deploy", DIGITS_FACTORY, "--input-shape",
+                          "1x1x8x8", "--target", "reference", "--spec", str(DIGITS_SPEC), "--calib",
+                          str(digits_data / "calib.npz"), "--val", str(digits_data / "val.npz"), "-o",
+                          str(tmp_path / "b")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    (art,) = manifest["artifacts"]
+    assert art["backend"] == "reference" and art["precision"] == "int8" and art["verified_on"] == "simulated"
+    assert art["budget"]["passed"]
