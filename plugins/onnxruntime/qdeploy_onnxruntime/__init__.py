@@ -168,9 +168,8 @@ class OnnxRuntimeBackend(Backend):
         # a node is quantized only where every float activation it reads or writes has a finite range; the
         # rest stay float (onnxruntime would write a scale of inf, or refuse a tensor without a range)
         source = _preprocessed(Path(model.onnx_path), workdir, [layer.node for layer in model.layers.values()])
-        io = _float_activations(source, True)
-        ops = _op_types(source)
-        unranged = sorted(n for n, ts in io.items() if ops[n] in recipe and any(t not in plan.ranges.ranges for t in ts))
+        unranged = sorted(n for n, (op, ts) in _float_io(source).items()
+                          if op in recipe and any(t not in plan.ranges.ranges for t in ts))
         exclude = sorted(set(float_nodes) | set(unranged))
         cache = plan.ranges.save_ort_cache(workdir / "calibration.json")  # qdeploy's ranges, ORT's cache format
         act_type = QuantType.QInt8 if target.activation_dtype == "int8" else QuantType.QUInt8
@@ -218,9 +217,9 @@ def _preprocessed(reference: Path, workdir: Path, nodes: list[str]) -> Path:
     return out if set(nodes) <= kept else reference
 
 
-def _float_activations(path: Path, outputs: bool = False) -> dict[str, list[str]]:
-    """Per node: the float activation tensors it reads (and writes, with ``outputs``): not initializers, not
-    integer or boolean tensors (shapes, ids, masks), by onnx's shape inference."""
+def _float_io(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """Per node: its op type and the float activation tensors it reads and writes (not initializers, not
+    integer or boolean tensors such as shapes, ids and masks), by onnx's shape inference."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -228,14 +227,9 @@ def _float_activations(path: Path, outputs: bool = False) -> dict[str, list[str]
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     inits = {t.name for t in proto.graph.initializer}
-    return {n.name: [t for t in list(n.input) + (list(n.output) if outputs else [])
-                     if t and t not in inits and types.get(t) == onnx.TensorProto.FLOAT] for n in proto.graph.node}
-
-
-def _op_types(path: Path) -> dict[str, str]:
-    import onnx
-
-    return {n.name: n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return {n.name: (n.op_type, [t for t in list(n.input) + list(n.output)
+                                 if t and t not in inits and types.get(t) == onnx.TensorProto.FLOAT])
+            for n in proto.graph.node}
 
 
 def _strip_debug_metadata(path: Path) -> None:
