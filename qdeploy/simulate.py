@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .calibration import ActivationRanges
-from .model import LayerInfo, ModelHandle
+from .model import LayerInfo, ModelHandle, opset_of
 from .spec import PerChannel, PerGroup, QuantSpec, WeightSpec
 
 
@@ -98,8 +98,7 @@ def ensure_opset(proto: Any, version: int) -> Any:
     import onnx
     from onnx import version_converter
 
-    current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if current >= version:
+    if opset_of(proto) >= version:
         return proto
     converted = version_converter.convert_version(proto, version)
     onnx.checker.check_model(converted)
