@@ -159,12 +159,23 @@ class Backend(ABC):
 
     @abstractmethod
     def runner(self, path: Path, meta: Mapping[str, Any]) -> Runner:
-        """A runner for an artifact this backend built (``meta`` is the artifact's stored metadata)."""
+        """A runner for an artifact this backend built (``meta`` is the artifact's stored metadata). The core
+        adds ``meta["threads"]``: the intra-op thread count the runner must use (:func:`threads_of`), set on
+        the runner's own session, never as process-wide state that other runners would inherit."""
 
     def advise(self, model: ModelHandle, spec: QuantSpec, target: BackendTarget) -> list[str]:
         """Warnings for ``qdeploy check`` and ``deploy`` about a combination that works but is a bad idea here
         (measured slow paths, for instance). Optional."""
         return []
+
+
+def threads_of(meta: Mapping[str, Any]) -> int:
+    """The intra-op thread count the core asked a runner for (``meta["threads"]``); 0 leaves the runtime's
+    own default (every core), which only code outside a deploy or a server should do."""
+    try:
+        return max(0, int(meta.get("threads", 0) or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 class OrtRunner(Runner):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, IntegrityError
 from .model import sha256_file
 
 SCHEMA_VERSION = 1
@@ -97,7 +97,7 @@ class Bundle:
         try:
             manifest = json.loads(mf.read_text())
         except json.JSONDecodeError as exc:
-            raise BundleError(f"{mf} is not valid JSON ({exc}); the bundle is damaged: deploy again") from None
+            raise IntegrityError(f"{mf} is not valid JSON ({exc}); the bundle is damaged: deploy again") from None
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise BundleError(f"{path}: bundle schema version {version!r} is unknown; this qdeploy reads version "
@@ -110,23 +110,29 @@ class Bundle:
     def check_integrity(self) -> None:
         files = self.manifest.get("files")
         if not isinstance(files, dict) or not files or not isinstance(self.manifest.get("artifacts"), list):
-            raise BundleError(f"bundle {self.path}: the manifest has no integrity map or no artifacts; refusing it: "
-                              f"deploy again")
+            raise IntegrityError(f"bundle {self.path}: the manifest has no integrity map or no artifacts; refusing "
+                                 f"it: deploy again")
         root = self.path.resolve()
         for rel in list(files) + [a.get("path", "") for a in self.manifest["artifacts"]]:
             if not (self.path / rel).resolve().is_relative_to(root):
-                raise BundleError(f"bundle {self.path}: path {rel!r} points outside the bundle; refusing it")
+                raise IntegrityError(f"bundle {self.path}: path {rel!r} points outside the bundle; refusing it")
         for rel, digest in files.items():
             f = self.path / rel
             if not f.is_file():
-                raise BundleError(f"bundle {self.path}: {rel} is missing; the bundle is incomplete: deploy again")
+                raise IntegrityError(f"bundle {self.path}: {rel} is missing; the bundle is incomplete: deploy again")
             if sha256_file(f) != digest:
-                raise BundleError(f"bundle {self.path}: {rel} was modified after the bundle was written (sha256 "
-                                  f"mismatch); refusing to use it: deploy again")
+                raise IntegrityError(f"bundle {self.path}: {rel} was modified after the bundle was written (sha256 "
+                                     f"mismatch); refusing to use it: deploy again")
         for art in self.artifacts:
             if path_sha256(self.path / art["path"]) != art["sha256"]:
-                raise BundleError(f"bundle {self.path}: artifact {art['path']} does not match its sha256; deploy "
-                                  f"again")
+                raise IntegrityError(f"bundle {self.path}: artifact {art['path']} does not match its sha256; "
+                                     f"deploy again")
+
+    def unlisted_files(self) -> list[str]:
+        """Files in the bundle folder that its manifest does not list (added after it was written)."""
+        listed = set(self.manifest.get("files", {})) | {MANIFEST}
+        return sorted(rel for f in self.path.rglob("*") if f.is_file()
+                      and (rel := f.relative_to(self.path).as_posix()) not in listed)
 
     @property
     def artifacts(self) -> list[dict[str, Any]]:
@@ -145,19 +151,25 @@ class Bundle:
         raise BundleError(f"bundle {self.path} has no artifact {key!r}; it has "
                           f"{', '.join(a['id'] for a in self.artifacts)}")
 
-    def runner(self, key: int | str = 0) -> Any:
-        """A runner for one artifact, through the backend that built it."""
+    @property
+    def threads(self) -> int:
+        """The intra-op threads the bundle's latencies were measured with (1 for bundles that do not say)."""
+        return int(self.manifest.get("latency_measured_on", {}).get("threads") or 1)
+
+    def runner(self, key: int | str = 0, threads: int | None = None) -> Any:
+        """A runner for one artifact, through the backend that built it, with ``threads`` intra-op threads
+        (default: :attr:`threads`, what the deploy measured with)."""
         from .plugins import get_registry
 
         art = self.artifact(key)
         backend = get_registry().backends.get(art["backend"])
         if backend is None:
             raise BundleError(f"artifact {art['id']} needs the {art['backend']!r} backend, which is not installed")
-        return backend.runner(self.path / art["path"], art.get("meta", {}))
+        return backend.runner(self.path / art["path"], {**art.get("meta", {}), "threads": threads or self.threads})
 
-    def reference_runner(self) -> Any:
+    def reference_runner(self, threads: int | None = None) -> Any:
         from .backend import OrtRunner
-        return OrtRunner(self.reference_path)
+        return OrtRunner(self.reference_path, threads=threads or self.threads)
 
     def samples(self) -> dict[str, np.ndarray]:
         """Warm-up samples: ``input:<name>``, ``reference:<output>`` and ``<artifact id>:<output>`` arrays."""

@@ -29,25 +29,38 @@ Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
 
 # --- data ---------------------------------------------------------------------------------------------------
 class Dataset:
-    """Validated, re-iterable batches of named model inputs with optional labels."""
+    """Validated, re-iterable batches of named model inputs with optional labels.
 
-    def __init__(self, chunks: Callable[[], Iterator[Batch]], model: ModelHandle, name: str,
-                 batch_size: int = 32, limit: int | None = None) -> None:
+    ``chunks`` yields ``(inputs, labels)`` or ``(inputs, labels, where)``, ``where`` naming the chunk's source
+    (a file of a folder) so that errors point into it. Every sample given is checked once, on creation (shape,
+    dtype, NaN/Inf, streamed chunk by chunk), even the ones past ``limit`` that will not be used."""
+
+    def __init__(self, chunks: Callable[[], Iterator[Any]], model: ModelHandle, name: str,
+                 batch_size: int = 32, limit: int | None = None, checked: bool = False,
+                 hint: str = "Fix the data layout (e.g. NCHW vs NHWC) or --input-shape") -> None:
         self._chunks, self.model, self.name = chunks, model, name
         self.batch_size, self.limit = batch_size, limit
-        self.count = 0
         self.has_labels = False
-        for _ in self.batches():  # one full pass: shapes, dtypes, finiteness, size
-            pass
+        total = 0
+        for item in chunks():  # one full pass over everything given: shapes, dtypes, finiteness, size
+            x, y, where = item if len(item) == 3 else (*item, None)
+            if not checked:
+                x = check_inputs(model, x, where or name, hint=hint)
+            n = len(next(iter(x.values())))
+            if y is not None:
+                _labels(np.asarray(y).reshape(-1), n, name)
+            total += n
+        self.count = total if limit is None else min(total, limit)
         if self.count == 0:
             raise DataError(f"{name}: no samples (the data is empty)")
 
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
-        """Yield ``(inputs, labels)`` batches of at most ``batch_size`` samples (checked as they stream)."""
+        """Yield ``(inputs, labels)`` batches of at most ``batch_size`` samples."""
         size = batch_size or self.batch_size
         seen, buf_x, buf_y = 0, [], []
-        for x, y in self._chunks():
-            x = self._check(x, seen)
+        for item in self._chunks():
+            x, y = item[0], item[1]
+            x = _as_model_inputs(self.model, x)
             n = len(next(iter(x.values())))
             if y is not None:
                 y = _labels(np.asarray(y).reshape(-1), n, self.name)
@@ -70,38 +83,63 @@ class Dataset:
                 break
         if buf_x:
             yield _merge(buf_x, buf_y)
-        self.count = seen
 
     def arrays(self) -> Batch:
         """All samples at once (for validation sets, which are small)."""
         parts = list(self.batches(max(self.count, 1)))  # one part: in-memory data comes back uncopied
         return _merge([p[0] for p in parts], [p[1] for p in parts])
 
-    def _check(self, x: dict[str, np.ndarray], offset: int) -> dict[str, np.ndarray]:
-        out = {}
-        for info in self.model.inputs:
-            if info.name not in x:
-                raise DataError(f"{self.name}: no array for model input {info.name!r}; found {sorted(x)}. Key "
-                                f"each array by its input name")
-            arr = np.asarray(x[info.name])
-            if arr.dtype.kind not in "fiub":
-                raise DataError(f"{self.name}: input {info.name!r} has dtype {arr.dtype}; expected numbers "
-                                f"({info.dtype})")
-            if arr.ndim == len(info.shape) - 1:
-                arr = arr[None]
-            want = info.shape[1:]
-            if arr.ndim != len(info.shape) or any(w is not None and w != g for w, g in zip(want, arr.shape[1:])):
-                shown = "x".join("N" if d is None else str(d) for d in info.shape)
-                raise DataError(f"{self.name}: input {info.name!r} has samples of shape "
-                                f"{'x'.join(map(str, arr.shape[1:]))} (array {arr.shape}); the model takes "
-                                f"{shown}. Fix the data layout (e.g. NCHW vs NHWC) or --input-shape")
-            arr = arr.astype(info.dtype, copy=False)
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                bad = int(np.argwhere(~np.isfinite(arr).reshape(len(arr), -1).all(axis=1))[0, 0]) + offset
-                raise DataError(f"{self.name}: input {info.name!r} holds NaN or Inf (first in sample {bad}); "
-                                f"remove or clean those samples")
-            out[info.name] = arr
-        return out
+
+SCAN_SAMPLES = 256
+"""Samples checked for NaN/Inf at a time: the check's memory stays one chunk, whatever the file's size."""
+
+SHAPE_HINT = "Fix the data layout (e.g. NCHW vs NHWC) or --input-shape"
+
+
+def _as_model_inputs(model: ModelHandle, x: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The model's inputs from ``x``: a single sample gains its batch axis; dtypes become the model's."""
+    out = {}
+    for info in model.inputs:
+        arr = np.asarray(x[info.name])
+        if arr.ndim == len(info.shape) - 1:
+            arr = arr[None]
+        out[info.name] = arr.astype(info.dtype, copy=False)
+    return out
+
+
+def check_inputs(model: ModelHandle, x: Mapping[str, Any], where: str,
+                 hint: str = SHAPE_HINT) -> dict[str, np.ndarray]:
+    """Check every sample of ``x`` against the model's inputs: names, dtypes, shapes and NaN/Inf (streamed in
+    :data:`SCAN_SAMPLES`-sample chunks). Errors name ``where`` (the file) and the sample's index in it."""
+    for info in model.inputs:
+        if info.name not in x:
+            raise DataError(f"{where}: no array for model input {info.name!r}; found {sorted(x)}. Key each array "
+                            f"by its input name")
+        arr = np.asarray(x[info.name])
+        if arr.dtype.kind not in "fiub":
+            raise DataError(f"{where}: input {info.name!r} has dtype {arr.dtype}; expected numbers ({info.dtype})")
+        if arr.ndim == len(info.shape) - 1:
+            arr = arr[None]
+        want = info.shape[1:]
+        if arr.ndim != len(info.shape) or any(w is not None and w != g for w, g in zip(want, arr.shape[1:])):
+            shown = "x".join("N" if d is None else str(d) for d in info.shape)
+            raise DataError(f"{where}: input {info.name!r} has samples of shape "
+                            f"{'x'.join(map(str, arr.shape[1:]))} (array {arr.shape}); the model takes "
+                            f"{shown}. {hint}")
+        if arr.dtype.kind == "f":
+            first, count = -1, 0
+            for start in range(0, len(arr), SCAN_SAMPLES):
+                part = arr[start:start + SCAN_SAMPLES].astype(info.dtype, copy=False)
+                bad_rows = ~np.isfinite(part).reshape(len(part), -1).all(axis=1)
+                if bad_rows.any():
+                    first = first if first >= 0 else start + int(np.argmax(bad_rows))
+                    count += int(bad_rows.sum())
+            if count:
+                raise DataError(f"{where}: input {info.name!r} holds NaN or Inf in {count} of its {len(arr)} "
+                                f"samples (the first is sample {first}, counting from 0 in that file); remove or "
+                                f"clean those samples")
+    return {info.name: (np.asarray(x[info.name])[None] if np.ndim(x[info.name]) == len(info.shape) - 1
+                        else np.asarray(x[info.name])) for info in model.inputs}  # dtypes converted per batch
 
 
 def _merge(xs: list[dict[str, np.ndarray]], ys: list) -> Batch:
@@ -113,7 +151,7 @@ def _merge(xs: list[dict[str, np.ndarray]], ys: list) -> Batch:
 
 
 def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec | None = None,
-              limit: int | None = None) -> Dataset | None:
+              limit: int | None = None, hint: str = SHAPE_HINT) -> Dataset | None:
     """A :class:`Dataset` from a path (folder of .npy/.npz, one .npz or .npy), arrays, or an iterable.
 
     For calibration (``cal`` given) from arrays or one file, ``cal.samples`` samples are drawn with
@@ -135,7 +173,7 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
                 raise DataError(f"{role} folder {path} holds no .npy or .npz files")
             label_file = next((path / f for f in ("y.npy", "labels.npy") if (path / f).is_file()), None)
             chunks = _folder_chunks(files, model, label_file, name)
-            return Dataset(chunks, model, name, batch, limit or (cal.samples if cal else None))
+            return Dataset(chunks, model, name, batch, limit or (cal.samples if cal else None), hint=hint)
         if path.suffix not in (".npz", ".npy"):
             raise DataError(f"{role} data {path}: use a .npz file, a .npy file or a folder of them")
         try:
@@ -155,7 +193,8 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
     if first.ndim == 0:
         raise DataError(f"{name}: holds a single number, not samples; give an array of shape N x "
                         f"{'x'.join('?' if d is None else str(d) for d in model.inputs[0].shape[1:])}")
-    n = len(first)
+    x = check_inputs(model, x, name, hint=hint)  # every sample given, before any subset is drawn
+    n = len(next(iter(x.values())))
     if n == 0:
         raise DataError(f"{name}: no samples (the arrays are empty)")
     if y is not None:
@@ -164,7 +203,7 @@ def open_data(source: Any, model: ModelHandle, role: str, cal: CalibrationSpec |
         idx = select(n, cal, y)
         x = {k: v[idx] for k, v in x.items()}
         y = None if y is None else y[idx]
-    return Dataset(lambda: iter([(x, y)]), model, name, batch, limit)
+    return Dataset(lambda: iter([(x, y)]), model, name, batch, limit, checked=True)
 
 
 def select(n: int, cal: CalibrationSpec, labels: np.ndarray | None) -> np.ndarray:
@@ -273,7 +312,7 @@ def _folder_chunks(files: list[Path], model: ModelHandle, label_file: Path | Non
             if y is None and labels is not None:
                 y = labels[offset:offset + n]
             offset += n
-            yield x, y
+            yield x, y, f"{name}/{f.name}"
     return chunks
 
 

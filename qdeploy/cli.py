@@ -1,7 +1,8 @@
 """The ``qdeploy`` command line: a thin layer over :mod:`qdeploy.pipeline`.
 
-Exit codes: 0 success, 1 accuracy budget not met under ``strict`` (or ``verify`` found a failing artifact),
-2 bad input (one line on stderr, no traceback), 130 interrupted.
+Exit codes: 0 success; 1 a check failed (the accuracy budget under ``strict``, no backend could build, ``verify``
+found a failing, tampered or unlisted file); 2 usage or bad input (one line on stderr, no traceback); 3 an
+internal error (a bug: please report it); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from typing import Any
 
 from . import __version__
@@ -51,7 +51,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     bundle = deploy(args.model, target=args.target, spec=args.spec, calib=args.calib, val=args.val,
                     output=args.output, input_shape=args.input_shape, backends=args.backend, policy=args.policy,
-                    per_layer=args.per_layer, echo=_echo, progress=_Bar())
+                    per_layer=args.per_layer, echo=_echo, progress=_Bar(), threads=args.threads)
     m = bundle.manifest
     print(f"\nqdeploy {__version__}: {m['model']['source']} -> {args.output} (target {m['profile']['name']})\n")
     print(text_table(*summary_rows(m)))
@@ -105,16 +105,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .spec import QuantSpec
     from .verify import check_budget, is_classifier, output_metrics, run_all
 
-    bundle = Bundle.load(args.bundle)
+    bundle = Bundle.load(args.bundle)  # a modified or missing file raises IntegrityError: exit 1
     m = bundle.manifest
-    print(f"bundle {args.bundle}: integrity ok ({len(m['files'])} files, sha256 checked)")
+    extra_files = bundle.unlisted_files()
+    status = 0
+    if extra_files:
+        status = 1
+        print(f"bundle {args.bundle}: FAIL: {len(extra_files)} file(s) the manifest does not list (added after the "
+              f"bundle was written): {', '.join(extra_files[:5])}{' ...' if len(extra_files) > 5 else ''}")
+    else:
+        print(f"bundle {args.bundle}: integrity ok ({len(m['files'])} files, sha256 checked, no unlisted file)")
+    threads = args.threads or bundle.threads
     budget = QuantSpec.from_dict(m["spec"]).budget
     out_name = m["budget_output"]
     stored = bundle.samples()
     if args.val:
         inputs = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in m["model"]["inputs"]]
         handle = ModelHandle(bundle.reference_path, inputs, [], {}, "", "onnx", "")
-        x, y = open_data(args.val, handle, "validation").arrays()
+        x, y = open_data(args.val, handle, "validation",
+                         hint="Give samples of the shape this bundle's model takes (its manifest's model.inputs)"
+                         ).arrays()
         if y is None and budget.metric == "top1_accuracy":
             raise DataError(f"validation data {args.val} has no labels, and this bundle's budget is top1_accuracy: "
                             f"add the labels under 'y' (or a y.npy beside the .npy files)")
@@ -122,17 +132,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         x = {k.split(":", 1)[1]: v for k, v in stored.items() if k.startswith("input:")}
         y = None
         print(f"no --val: re-checking on the {len(next(iter(x.values())))} stored samples")
-    ref_runner = bundle.reference_runner()
+    ref_runner = bundle.reference_runner(threads)
     ref = run_all(ref_runner, x)
     ref_runner.close()
     if y is not None and is_classifier(ref[out_name]):
         check_label_range(y, int(ref[out_name].shape[-1]), f"validation data {args.val}")
     extra = _registry().metrics  # plugin metrics: a budget may be one of them
     ref_metrics = output_metrics(ref[out_name], ref[out_name], y, extra)
-    status, checked = 0, 0
+    checked = 0
     for art in bundle.artifacts:
         try:
-            runner = bundle.runner(art["id"])
+            runner = bundle.runner(art["id"], threads)
         except Exception as exc:  # a runtime missing here is reported, not fatal
             print(f"  {art['id']:<28} not runnable here: {exc}")
             continue
@@ -192,8 +202,14 @@ def cmd_backends(args: argparse.Namespace) -> int:
                 print(f"{name:<14} {t.label:<22} not installed (plugins/{name})")
                 continue
             caps = reg.backends[name].capabilities(t)
-            state = f"available: {', '.join(caps.precisions)}; verified on {caps.verified_on}" if caps.available \
-                else f"unavailable: {caps.reason}"
+            if not caps.available:
+                state = f"unavailable: {caps.reason}"
+            elif caps.verified_on == "simulated":  # as `check` and `deploy` say it: BACKEND_UNAVAILABLE
+                state = (f"runtime unavailable here{f' ({caps.reason})' if caps.reason else ''}: builds "
+                         f"{', '.join(caps.precisions)} artifacts for the target, verified only by simulation "
+                         f"(BACKEND_UNAVAILABLE)")
+            else:
+                state = f"available: {', '.join(caps.precisions)}; verified on {caps.verified_on}"
             print(f"{name:<14} {t.label:<22} {state}")
     return 0
 
@@ -259,10 +275,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise QDeployError(f"--port {args.port} is not a TCP port; use 1-65535 (or 0 for any free port)")
     model = FallbackModel(args.bundle, name=args.name, policy=args.policy, reference_fallback=not args.no_reference,
                           breaker_errors=args.breaker_errors, breaker_window=args.breaker_window,
-                          drift_sample=args.drift_sample, drift_window=args.drift_window)
+                          drift_sample=args.drift_sample, drift_window=args.drift_window, threads=args.threads,
+                          allow_nonfinite=args.allow_nonfinite)
     serve(model, host=args.host, port=args.port, max_body=int(args.max_body_mb * 1024 * 1024),
           log_level="warning" if args.log_level == "info" else args.log_level)
     return 0
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of threads >= 1")
+    return n
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val", help="validation data (labels under 'y' for top-1 accuracy)")
     d.add_argument("--output", "-o", default="bundle", help="bundle folder (default: bundle)")
     d.add_argument("--per-layer", action="store_true", help="add per-layer sensitivity to the report")
+    d.add_argument("--threads", type=_threads, help="intra-op threads of every runner while verifying and timing "
+                   "(default: the profile's, else 1); the bundle records it and `serve` uses it")
     d.set_defaults(func=cmd_deploy)
 
     c = sub.add_parser("check", help="what would run on a target, what falls back and why (no build)")
@@ -303,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="integrity and accuracy re-check of a bundle")
     v.add_argument("bundle")
     v.add_argument("--val", help="validation data (default: the bundle's stored samples)")
+    v.add_argument("--threads", type=_threads, help="intra-op threads per runner (default: the bundle's)")
     v.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("backends", help="every registered backend, available or not, and why")
@@ -335,25 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of requests shadow-run through the FP32 reference (default 0.05; 0: off)")
     sv.add_argument("--drift-window", type=int, default=64, help="shadowed samples per drift decision (64)")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
+    sv.add_argument("--threads", type=_threads, help="intra-op threads per runner (default: what the bundle's "
+                    "latencies were measured with)")
+    sv.add_argument("--allow-nonfinite", action="store_true",
+                    help="accept NaN/Infinity in request inputs (refused with 400 by default)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     sv.set_defaults(func=cmd_serve)
     return p
 
 
-def _quiet_frameworks() -> None:
-    """The console is for qdeploy's own lines: frameworks' import-time notices and C++ INFO logs are dropped
-    (``QDEPLOY_DEBUG=1`` keeps them)."""
-    if os.environ.get("QDEPLOY_DEBUG"):
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # LiteRT / TensorFlow C++ INFO and WARNING lines
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    for name in ("torchao", "torch.utils._pytree", "torch._inductor", "torch.onnx", "absl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"(torch|torchao|litert_torch|ai_edge_\w+)(\.|$)")
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet_frameworks()
+    from .plugins import quiet_frameworks
+
+    quiet_frameworks()
     try:
         parser = build_parser()
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -39,6 +39,13 @@ class BundleError(QDeployError):
     """A bundle is missing, tampered with, or of an unknown schema version."""
 
 
+class IntegrityError(BundleError):
+    """A bundle's files do not match its manifest (modified, missing, or a path outside it): a failed check,
+    not bad input, so the exit code is 1 (a typo'd path or a folder that is no bundle stays 2)."""
+
+    exit_code = 1
+
+
 class BackendError(QDeployError):
     """A backend was asked for something it cannot do (raised inside backends, caught by the pipeline)."""
 

@@ -1,6 +1,7 @@
 """``deploy()`` and ``check()``: the data flow of DESIGN.md, from a model to a verified bundle."""
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -19,13 +20,20 @@ from .fallback import (Events, Resolution, Trial, accuracy_loop, failure_event, 
                        resolve, summarize_precision)
 from .model import ModelHandle, load_model, random_inputs
 from .plugins import Registry, get_registry
-from .profiles import Profile, detect_profile_name, load_profile_file
+from .profiles import Profile, detect_profile_name, load_profile_file, resolve_threads
 from .report import markdown_report
 from .simulate import layer_sensitivity
 from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
-from .verify import batch_for, budget_output, check_budget, is_classifier, latency_ms, output_metrics, run_all
+from .verify import batch_for, budget_output, check_budget, is_classifier, output_metrics, run_all, side_by_side
 
 Echo = Callable[[str], None]
+log = logging.getLogger("qdeploy")
+
+
+def _log_echo(line: str) -> None:
+    """The Python API's default ``echo``: each console line of the CLI as a ``qdeploy`` log record (warnings at
+    WARNING, the rest at INFO), so library callers configure it with :mod:`logging`."""
+    log.log(logging.WARNING if line.startswith("warning") else logging.INFO, "%s", line)
 Progress = Callable[[str, int, int], None]
 SENSITIVITY_SAMPLES = 32
 WARMUP_SAMPLES = 8
@@ -102,21 +110,24 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
 def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, calib: Any = None, val: Any = None,
            output: str | Path = "bundle", input_shape: Any = None, backends: list[str] | None = None,
            policy: str | None = None, per_layer: bool = False, echo: Echo | None = None,
-           progress: Progress | None = None) -> Bundle:
+           progress: Progress | None = None, threads: int | None = None) -> Bundle:
     """Deploy ``model`` to ``target``: build, verify and fall back per the spec; write the bundle to ``output``.
 
-    Raises :class:`~qdeploy.errors.BudgetNotMet` under the ``strict`` policy when the budget is not met, and
-    another :class:`~qdeploy.errors.QDeployError` for bad input; nothing is left at ``output`` then.
+    ``threads``: intra-op threads of every runner (verification and the side-by-side latency); default the
+    profile's ``threads``, else 1. Raises :class:`~qdeploy.errors.BudgetNotMet` under the ``strict`` policy when
+    the budget is not met, and another :class:`~qdeploy.errors.QDeployError` for bad input; nothing is left at
+    ``output`` then.
     """
     registry = get_registry()
     spec = _with_policy(load_spec(spec), policy)
     profile = resolve_profile(target, registry)
+    n_threads = resolve_threads(threads, profile)
     output = Path(output)
     staging = prepare_output(output)
     work = Path(tempfile.mkdtemp(prefix="qdeploy-work-"))
     try:
         manifest = _deploy(registry, model, profile, spec, calib, val, staging, work, input_shape, backends,
-                           per_layer, echo or (lambda s: None), progress)
+                           per_layer, echo or _log_echo, progress, n_threads)
         commit(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,7 +195,7 @@ def _record_translation(res: Resolution, asked: dict[str, str], plan: Any, seen:
 
 def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpec, calib: Any, val: Any,
             staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
-            progress: Progress | None) -> dict[str, Any]:
+            progress: Progress | None, threads: int) -> dict[str, Any]:
     model = load_model(model_src, staging / "reference.onnx", input_shape)
     for text in model.notes:
         echo(f"model: {text}")
@@ -205,9 +216,8 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     val_x, val_y = val_ds.arrays() if val_ds else calib_ds.arrays() if calib_ds else (random_inputs(model, 32), None)
     out_names = [o.name for o in model.outputs]
     out_name = budget_output(spec.budget, out_names)
-    ref_runner = OrtRunner(model.onnx_path)
+    ref_runner = OrtRunner(model.onnx_path, threads=threads)
     ref_out = run_all(ref_runner, val_x)
-    ref_lat = latency_ms(ref_runner, val_x)
     ref_runner.close()
     extra = registry.metrics
     if spec.budget.metric not in HIGHER_IS_BETTER and spec.budget.metric not in extra:
@@ -263,7 +273,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                 _record_translation(res, lp, plan, changed, events)
                 art = backend.build(plan, work / f"{label.replace(':', '-')}-{i}")
                 stage = "load"
-                runner = backend.runner(art.path, art.meta)
+                runner = backend.runner(art.path, {**art.meta, "threads": threads})
                 stage = "run"
                 try:
                     outs = run_all(runner, val_x)
@@ -318,7 +328,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             break
         if per_layer and not sensitivity and res.ladder[0] in QUANTIZED:
             rank([n for n, p in best.artifact.layer_precisions.items() if p == res.ladder[0]])
-        built.append(_record(res, best, len(trials), sensitivity, staging, backend, val_x, ref_lat))
+        built.append(_record(res, best, len(trials), sensitivity, staging))
     if strict_failure:
         raise BudgetNotMet(f"accuracy budget not met and policy is strict: {strict_failure}")
     if not built:
@@ -327,9 +337,18 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                                     f"model as specified here (the events above say why)")
         why = "; ".join(f"{e['target']}: [{e['code']}] {e['message']}" for e in events.items)
         raise NothingBuilt(f"no backend of profile {profile.name} could build this model here ({why})")
-    built.sort(key=lambda a: not a["budget"]["passed"])  # verified artifacts first, in chain order
-
     ref_path = staging / "reference.onnx"
+    echo(f"timing: the FP32 reference and {len(built)} artifact(s) side by side, {threads} thread(s) each")
+    ref_lat, timing = _time_side_by_side(registry, ref_path, staging, built, val_x, threads)
+    # the serving chain: artifacts that met the budget first. Among them, those with no latency here (simulated:
+    # their runtime is not on this host, and they serve only where it is) keep the profile's preference; then
+    # the measured ones, fastest first (profile order breaks ties). Last, the ones that missed the budget.
+    order = {id(a): i for i, a in enumerate(built)}
+    built.sort(key=lambda a: (not a["budget"]["passed"],
+                              0.0 if not a["budget"]["passed"] or a["latency_ms"] is None else a["latency_ms"],
+                              order[id(a)]))
+    for i, a in enumerate(built):
+        a["chain_reason"] = _chain_reason(a, i, built)
     ref_size = path_size(ref_path)
     for a in built:
         a["size_vs_fp32"] = a["size_bytes"] / ref_size
@@ -348,7 +367,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         "validation": {"samples": len(next(iter(val_x.values()))), "source": val_source},
         "reference": {"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": ref_size,
                       "latency_ms": ref_lat, "metrics": ref_metrics[out_name]},
-        "latency_measured_on": _latency_host(val_x),
+        "latency_measured_on": {**_latency_host(val_x), **timing},
         "budget_output": out_name, "artifacts": built, "events": events.items, "samples": SAMPLES,
     }
     (staging / "report.md").write_text(markdown_report(manifest))
@@ -371,26 +390,62 @@ def _latency_host(val_x: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"host": platform.node(), "machine": platform.machine(), "cpu": model_name, "cpus": os.cpu_count(),
             "avx512_vnni": "avx512_vnni" in cpu_flags(), "gpu": gpu[0] if gpu else None,
             "batch": batch_for(val_x, 32),
-            "note": "median of one batch in each artifact's own runtime on this host (GPU runtimes on the GPU); "
-                    "vs-FP32 ratios compare with the FP32 reference in onnxruntime on this host's CPU"}
+            "note": "the FP32 reference (onnxruntime, this host's CPU) and every artifact (its own runtime; GPU "
+                    "runtimes on the GPU) timed side by side in one process, round-robin, on the same batch with "
+                    "the same intra-op threads; vs-FP32 ratios are the median of per-round ratios"}
 
 
-def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str, float], staging: Path,
-            backend: Any, val_x: dict[str, np.ndarray], ref_lat: float) -> dict[str, Any]:
+def _time_side_by_side(registry: Registry, ref_path: Path, staging: Path, built: list[dict[str, Any]],
+                       val_x: dict[str, np.ndarray], threads: int) -> tuple[float, dict[str, Any]]:
+    """Time the reference and every artifact that runs on its real runtime here, interleaved; fill each
+    artifact's ``latency_ms``/``latency_vs_fp32``/``latency`` and return the reference's median and the
+    measurement's description. Simulated artifacts get no latency: their speed says nothing of the target."""
+    runners: dict[str, Any] = {"reference": OrtRunner(ref_path, threads=threads)}
+    try:
+        for a in built:
+            a["latency_ms"] = a["latency_vs_fp32"] = None
+            backend = registry.backends.get(a["backend"])
+            runner = backend.runner(staging / a["path"], {**a["meta"], "threads": threads})
+            if runner.simulated:
+                runner.close()
+                continue
+            runners[a["id"]] = runner
+        timing = side_by_side(runners, val_x, reference="reference")
+    finally:
+        for r in runners.values():
+            r.close()
+    for a in built:
+        if a["id"] in timing:
+            t = timing[a["id"]]
+            a["latency_ms"], a["latency_vs_fp32"], a["latency"] = t.median_ms, t.vs_reference, t.as_dict()
+    ref = timing["reference"]
+    return ref.median_ms, {"threads": threads, "rounds": ref.rounds, "method": "side-by-side",
+                           "reference": ref.as_dict()}
+
+
+def _chain_reason(art: dict[str, Any], i: int, chain: list[dict[str, Any]]) -> str:
+    """Why this artifact sits at position ``i`` of the serving chain, in words for metadata and the report."""
+    if not art["budget"]["passed"]:
+        return "missed its accuracy budget: served only after every artifact that met it"
+    if art["latency_ms"] is None:
+        return ("met its budget; not timed here (its runtime is not on this host, so it serves only where it is): "
+                "kept in the profile's order, before the artifacts measured here")
+    faster = [a["id"] for a in chain[:i] if a["budget"]["passed"] and a["latency_ms"] is not None]
+    return (f"met its budget; {art['latency_ms']:.3g} ms per batch measured side by side: "
+            + ("the fastest" if not faster else f"after {', '.join(faster)} (faster)"))
+
+
+def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str, float],
+            staging: Path) -> dict[str, Any]:
     art = trial.artifact
     precision = summarize_precision(art.layer_precisions) if art.layer_precisions else art.precision
     ident = f"{res.target.label.replace(':', '-')}-{precision.replace('mixed ', 'mixed-').replace('/', '-')}"
     dest = staging / "artifacts" / (ident + (art.path.suffix if art.path.is_file() else ""))
     dest.parent.mkdir(exist_ok=True)
     shutil.move(str(art.path), dest)
-    runner = backend.runner(dest, art.meta)
-    try:  # a simulated runner's speed says nothing about the target runtime: publish no latency for it
-        lat = None if runner.simulated else latency_ms(runner, val_x)
-    finally:
-        runner.close()
     return {"id": ident, "backend": res.target.backend, "target": res.target.label, "precision": precision,
             "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest), "size_bytes": path_size(dest),
-            "latency_ms": lat, "latency_vs_fp32": ref_lat / lat if lat else None,
+            "latency_ms": None, "latency_vs_fp32": None,
             "verified_on": res.caps.verified_on, "metrics": trial.metrics[trial.budget.output],
             "metrics_per_output": trial.metrics, "budget": trial.budget.as_dict(),
             "layer_precisions": art.layer_precisions, "spec": res.spec.to_dict(), "meta": art.meta,

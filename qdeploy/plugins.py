@@ -103,10 +103,27 @@ class Registry:
 _registry: Registry | None = None
 
 
+def quiet_frameworks() -> None:
+    """Console output is for qdeploy's own lines, from the CLI and the Python API alike: frameworks' import-time
+    notices, C++ INFO logs and Python warnings from torch, torchao and LiteRT are dropped (``QDEPLOY_DEBUG=1``
+    keeps them). Runs before any plugin imports its framework (the C++ log levels are read at import)."""
+    if os.environ.get("QDEPLOY_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # LiteRT / TensorFlow C++ INFO and WARNING lines
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for name in ("torchao", "torch.utils._pytree", "torch._inductor", "torch.onnx", "absl", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(torch|torchao|litert_torch|ai_edge_\w+|onnxruntime)(\.|$)")
+
+
 def get_registry() -> Registry:
     """The process-wide registry, built on first use."""
     global _registry
     if _registry is None:
+        quiet_frameworks()
         _registry = Registry.from_plugin_manager(make_plugin_manager())
     return _registry
 

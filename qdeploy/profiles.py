@@ -66,6 +66,7 @@ class Profile:
     cpu_flags: tuple[str, ...] = ()
     compute_capability: str = ""
     notes: tuple[str, ...] = ()
+    threads: int = 0  # intra-op threads for verification timing and serving; 0: DEFAULT_THREADS
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +85,22 @@ KNOWN_OPTIONS = ("provider", "device", "engine", "delegate", "io_dtype", "reduce
                  "opt_batch", "max_batch", "batch", "threads")
 """Backend options the shipped plugins read (a plugin may read more; a near miss of these is refused)."""
 
-_PROFILE_KEYS = {"name", "description", "device", "arch", "cpu_flags", "compute_capability", "notes", "backends"}
+_PROFILE_KEYS = {"name", "description", "device", "arch", "cpu_flags", "compute_capability", "notes", "backends",
+                 "threads"}
+DEFAULT_THREADS = 1
+"""Intra-op threads when neither the caller nor the profile says: one, so a latency is one request's on one
+core, comparable between runtimes and stable on a shared machine (each runtime's own default takes every core,
+and two of them in one process oversubscribe)."""
+
+
+def resolve_threads(asked: int | None, profile: Profile | None = None) -> int:
+    """The intra-op thread count every runner of a deploy, a verification or a server uses: the caller's, else
+    the profile's ``threads``, else :data:`DEFAULT_THREADS`."""
+    if asked is not None:
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+            raise ProfileError(f"threads must be a whole number >= 1, got {asked!r}")
+        return asked
+    return (profile.threads if profile else 0) or DEFAULT_THREADS
 _TARGET_KEYS = {"backend", "fast", "slow", "granularities", "weight_symmetric_only", "activation_symmetric_only",
                 "full_integer_only", "activation_dtype", "host_fallback", "options"}
 
@@ -108,6 +124,10 @@ def profile_from_dict(data: dict[str, Any], source: str = "") -> Profile:
     for key in ("name", "description", "device", "arch", "compute_capability"):
         if key in data and not isinstance(data[key], str):
             raise ProfileError(f"{where}: {key} must be a string, got {data[key]!r}")
+    if "threads" in data and (isinstance(data["threads"], bool) or not isinstance(data["threads"], int)
+                              or data["threads"] < 1):
+        raise ProfileError(f"{where}: threads must be a whole number >= 1 (intra-op threads per runner), got "
+                           f"{data['threads']!r}")
     if data["device"] not in DEVICES:
         raise ProfileError(f"{where}: device {data['device']!r} is not one of {', '.join(DEVICES)}")
     if not isinstance(data["backends"], list) or not all(isinstance(b, dict) for b in data["backends"]):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .backend import Artifact, Backend, Capabilities, OrtRunner, Plan
+from .backend import Artifact, Backend, Capabilities, OrtRunner, Plan, threads_of
 from .errors import BackendError
 from .spec import QUANTIZED, summarize_precision
 
@@ -23,10 +23,10 @@ class ReferenceRunner(OrtRunner):
 
     simulated = True
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
         from .simulate import ORT_FP8_DISABLED_OPTIMIZERS
 
-        super().__init__(path, disabled_optimizers=ORT_FP8_DISABLED_OPTIMIZERS, basic_only=True)
+        super().__init__(path, threads=threads, disabled_optimizers=ORT_FP8_DISABLED_OPTIMIZERS, basic_only=True)
 
 
 class ReferenceBackend(Backend):
@@ -65,4 +65,4 @@ class ReferenceBackend(Backend):
         return Artifact(out, summarize_precision(lp), dict(lp), {"format": "fake-quant"})
 
     def runner(self, path: Path, meta: Mapping[str, Any]) -> ReferenceRunner:
-        return ReferenceRunner(path)
+        return ReferenceRunner(path, threads_of(meta))

@@ -14,10 +14,19 @@ def _fmt_size(n: int) -> str:
     return str(n)
 
 
-def _speed(ref_ms: float, ms: float | None) -> str:
-    if not ms:
+def _speed(ratio: float | None) -> str:
+    """A side-by-side ``FP32 time / artifact time`` ratio in words."""
+    if not ratio:
         return "n/a"
-    return f"{ref_ms / ms:.2f}x faster" if ms <= ref_ms else f"{ms / ref_ms:.2f}x slower"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _latency(lat: dict[str, Any] | None, ms: float | None) -> str:
+    if ms is None:
+        return ""
+    if lat and lat.get("p25_ms") is not None:
+        return f"{ms:.2f} ms (IQR {lat['p25_ms']:.2f}-{lat['p75_ms']:.2f})"
+    return f"{ms:.2f} ms"
 
 
 def summary_rows(manifest: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -29,14 +38,17 @@ def summary_rows(manifest: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ref = manifest["reference"]
     headers = list(HEADERS[:-1]) + metric_names + ["budget"]
     rows = [["reference", "onnxruntime", "fp32", _fmt_size(ref["size_bytes"]), "1.00x",
-             f"{ref['latency_ms']:.2f} ms", "1.00x", "runtime"]
+             _latency(manifest.get("latency_measured_on", {}).get("reference"), ref["latency_ms"]), "1.00x",
+             "runtime"]
             + [f"{ref['metrics'][m]:.4f}" if m in ref.get("metrics", {}) else "" for m in metric_names] + [""]]
     for art in manifest["artifacts"]:
         b = art["budget"]
         lat = art.get("latency_ms")
         rows.append([art["id"], art["target"], art["precision"], _fmt_size(art["size_bytes"]),
-                     f"{art['size_vs_fp32']:.2f}x", f"{lat:.2f} ms" if lat is not None else "n/a (simulated)" if art["verified_on"] == "simulated" else "n/a",
-                     _speed(ref["latency_ms"], lat), art["verified_on"]]
+                     f"{art['size_vs_fp32']:.2f}x",
+                     _latency(art.get("latency"), lat) if lat is not None
+                     else "n/a (simulated)" if art["verified_on"] == "simulated" else "n/a",
+                     _speed(art.get("latency_vs_fp32")), art["verified_on"]]
                     + [f"{art['metrics'][m]:.4f}" if m in art["metrics"] else "" for m in metric_names]
                     + [("pass" if b["passed"] else "FAIL") + f" ({b['metric']} {b['value']:.4f} vs {b['budget']:.4f})"])
     return headers, rows
@@ -61,23 +73,35 @@ def events_text(events: list[dict[str, Any]]) -> list[str]:
 def markdown_report(manifest: dict[str, Any]) -> str:
     headers, rows = summary_rows(manifest)
     prof = manifest["profile"]
+    timing = manifest.get("latency_measured_on", {})
     lines = [f"# qdeploy report: {manifest['model']['source']}", "",
              f"- target profile: `{prof['name']}` (sha256 {prof['sha256'][:12]})",
              f"- model sha256: `{manifest['model']['sha256'][:16]}`, {len(manifest['model']['layers'])} quantizable "
              f"layers", f"- validation: {manifest['validation']['samples']} samples from "
              f"{manifest['validation']['source']}", f"- calibration: {manifest['calibration']['samples']} samples, "
              f"{manifest['calibration']['method']}", "",
-             f"Latency: median of one batch of {manifest.get('latency_measured_on', {}).get('batch', 32)} on "
-             f"`{manifest.get('latency_measured_on', {}).get('cpu') or 'this host'}` in each artifact's own runtime "
-             "(the FP32 reference in onnxruntime on the CPU). `verified` says where the "
+             f"Latency: one batch of {timing.get('batch', 32)} on `{timing.get('cpu') or 'this host'}`, "
+             f"{timing.get('threads', '?')} intra-op thread(s), every artifact in its own runtime and the FP32 "
+             f"reference in onnxruntime timed side by side, round-robin ({timing.get('rounds', '?')} rounds): "
+             "median and interquartile range; `vs fp32` is the median of the per-round ratios. `verified` says "
+             "where the "
              "accuracy numbers come from: `runtime` (the real runtime here), `gpu`, or `simulated` (an equivalent "
              "graph run in onnxruntime, not the target runtime).", "", markdown_table(headers, rows), "",
              "## Events", ""]
     lines += [f"- `{e['code']}` {e['target']}: {e['message']}" for e in manifest["events"]] or ["- none"]
+    lines += ["", "## Serving order", ""]
+    lines += [f"{i + 1}. `{a['id']}`: {a.get('chain_reason', 'profile order')}"
+              for i, a in enumerate(manifest["artifacts"])]
     for art in manifest["artifacts"]:
-        lines += ["", f"## {art['id']}", "", f"- path: `{art['path']}`, trials: {art['trials']}",
-                  "", "| layer | precision |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in art["layer_precisions"].items()]
+        lines += ["", f"## {art['id']}", "", f"- path: `{art['path']}`, trials: {art['trials']}"]
+        precs = list(art["layer_precisions"].values())
+        common = max(set(precs), key=precs.count) if precs else None
+        odd = {k: v for k, v in art["layer_precisions"].items() if v != common}
+        if common:
+            lines += [f"- {len(precs) - len(odd)} of {len(precs)} layers in {common}"
+                      + ("; the others:" if odd else "")]
+        if odd:
+            lines += ["", "| layer | precision |", "|---|---|"] + [f"| {k} | {v} |" for k, v in odd.items()]
         if art.get("sensitivity"):
             lines += ["", "Per-layer sensitivity (SQNR in dB of the output with only that layer quantized; lower "
                       "loses more):", "", "| layer | sqnr_db |", "|---|---|"]

@@ -156,6 +156,73 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class SmoothQuantSpec:
+    """SmoothQuant's migration strength: ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` per input channel."""
+
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class AdaRoundSpec:
+    """AdaRound (learned weight rounding), ``iterations`` optimisation steps per layer."""
+
+    iterations: int = 10000
+
+
+CLE_CHOICES = (True, False, "auto")
+BIAS_CORRECTION_CHOICES = ("empirical", "analytic", False, "auto")
+
+
+def _toml(v: object) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+
+@dataclass(frozen=True)
+class TransformsSpec:
+    """Accuracy transforms applied once to the FP32 reference (BatchNorm folded first), before every backend.
+
+    ``cross_layer_equalization``: true, false or ``"auto"`` (on for per-tensor weights or depthwise convs).
+    ``bias_correction``: ``"empirical"`` (measured on calibration data, layer by layer), ``"analytic"``
+    (closed form from the per-channel input means), false or ``"auto"`` (empirical on convolutional models).
+    ``smoothquant``: false or a table ``{ alpha = 0.5 }`` (true means the default table).
+    ``adaround``: false or a table ``{ iterations = ... }`` (true means the default table).
+    """
+
+    cross_layer_equalization: Union[bool, str] = "auto"
+    bias_correction: Union[bool, str] = "auto"
+    smoothquant: Union[bool, SmoothQuantSpec] = False
+    adaround: Union[bool, AdaRoundSpec] = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("cross_layer_equalization", CLE_CHOICES),
+                              ("bias_correction", BIAS_CORRECTION_CHOICES)):
+            v = getattr(self, name)
+            if not any(type(v) is type(a) and v == a for a in allowed):
+                hint = (' (true is ambiguous here: write "empirical" or "analytic")'
+                        if name == "bias_correction" and v is True else suggest(str(v), [a for a in allowed if
+                                                                                            isinstance(a, str)]))
+                raise SpecError(f"transforms.{name}: {_toml(v) if isinstance(v, bool) else repr(v)} is not "
+                                f"allowed{hint}; allowed: "
+                                f"{', '.join(_toml(a) for a in allowed)}")
+        for name, table in (("smoothquant", SmoothQuantSpec), ("adaround", AdaRoundSpec)):
+            v = getattr(self, name)
+            if v is True:
+                v = table()
+            elif isinstance(v, dict):
+                v = _from_dict(table, v, f"transforms.{name}")
+            elif not (v is False or isinstance(v, table)):
+                fields = ", ".join(f"{f.name} = {_toml(f.default)}" for f in dataclasses.fields(table))
+                raise SpecError(f"transforms.{name}: expected false or a table {{ {fields} }}, got {v!r}")
+            object.__setattr__(self, name, v)
+        if isinstance(self.smoothquant, SmoothQuantSpec) and not 0.0 <= self.smoothquant.alpha <= 1.0:
+            raise SpecError(f"transforms.smoothquant.alpha: {self.smoothquant.alpha} must be between 0 and 1, "
+                            f"e.g. 0.5 (0.75 for models with strong activation outliers)")
+        if isinstance(self.adaround, AdaRoundSpec) and self.adaround.iterations < 1:
+            raise SpecError(f"transforms.adaround.iterations: {self.adaround.iterations} must be a positive "
+                            f"integer, e.g. 10000")
+
+
+@dataclass(frozen=True)
 class QuantSpec:
     """The whole spec. ``precision`` is the default for every quantizable layer."""
 
@@ -167,6 +234,7 @@ class QuantSpec:
     budget: Budget = Budget()
     fallback: FallbackSpec = FallbackSpec()
     calibration: CalibrationSpec = CalibrationSpec()
+    transforms: TransformsSpec = TransformsSpec()
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -294,6 +362,8 @@ def _coerce(hint: Any, value: Any, name: str, choices: tuple | None) -> Any:
         return _granularity(value, name)
     if dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, name)
+    if origin is Union:  # a switch or a table (the transforms): its dataclass's __post_init__ checks the value
+        return value
     if origin is tuple:
         item = typing.get_args(hint)[0]
         if not isinstance(value, (list, tuple)):

@@ -143,16 +143,52 @@ def run_all(runner: Runner, inputs: Mapping[str, np.ndarray], batch: int | None 
 def latency_ms(runner: Runner, inputs: Mapping[str, np.ndarray], batch: int | None = None, repeats: int = 15,
                budget_s: float = 3.0) -> float:
     """Median wall time of one batch of ``batch`` samples (:func:`batch_for` of 32 unless given), in
-    milliseconds (bounded by ``budget_s``)."""
+    milliseconds (bounded by ``budget_s``). One runner alone: to compare runners use :func:`side_by_side`."""
+    return side_by_side({"x": runner}, inputs, batch, rounds=repeats, budget_s=budget_s)["x"].median_ms
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One runner's share of a side-by-side timing: median and quartiles of its per-round times (ms), and
+    the median over rounds of ``reference time / this time`` measured in the same round."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    rounds: int
+    vs_reference: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"median_ms": self.median_ms, "p25_ms": self.p25_ms, "p75_ms": self.p75_ms, "rounds": self.rounds,
+                "vs_fp32": self.vs_reference}
+
+
+def side_by_side(runners: Mapping[str, Runner], inputs: Mapping[str, np.ndarray], batch: int | None = None,
+                 rounds: int = 30, budget_s: float = 6.0, reference: str | None = None,
+                 warmup: int = 2) -> dict[str, Timing]:
+    """Time every runner on the same batch, interleaved round-robin in this process: each round runs each
+    runner once, so load that comes and goes on a shared machine hits all of them alike. ``reference`` names
+    the runner the ``vs_reference`` ratios divide (per round, then the median). At least 5 rounds; more until
+    ``rounds`` or ``budget_s`` seconds."""
     batch = batch or batch_for(inputs, 32)
     feed = {k: v[:batch] for k, v in inputs.items()}
-    runner.infer(feed)  # warm-up
-    times: list[float] = []
+    for r in runners.values():
+        for _ in range(warmup):  # first calls compile, allocate arenas, fill caches
+            r.infer(feed)
+    times: dict[str, list[float]] = {k: [] for k in runners}
     start = time.perf_counter()
-    for _ in range(repeats):
-        t = time.perf_counter()
-        runner.infer(feed)
-        times.append(time.perf_counter() - t)
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
+    for i in range(rounds):
+        for k, r in runners.items():
+            t = time.perf_counter()
+            r.infer(feed)
+            times[k].append(time.perf_counter() - t)
+        if i >= 4 and time.perf_counter() - start > budget_s:
             break
-    return float(np.median(times) * 1000)
+    ref = np.array(times[reference]) if reference else None
+    out = {}
+    for k, v in times.items():
+        arr = np.array(v) * 1000
+        ratio = float(np.median(ref / np.array(v))) if ref is not None else None
+        out[k] = Timing(float(np.median(arr)), float(np.percentile(arr, 25)), float(np.percentile(arr, 75)),
+                        len(v), ratio)
+    return out

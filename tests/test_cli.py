@@ -131,10 +131,6 @@ def _bad_inputs(tmp: Path, digits_onnx: Path, digits_data: Path, bundle: Path) -
     np.savez(nan, x=arr)
     empty = tmp / "empty"
     empty.mkdir()
-    tampered = tmp / "tampered"
-    shutil.copytree(bundle, tampered)
-    art = next((tampered / "artifacts").iterdir())
-    art.write_bytes(art.read_bytes()[:-1] + b"\x00")
     val = np.load(digits_data / "val.npz")
     np.savez(tmp / "foreign_labels.npz", input=val["input"], y=val["y"] + 100)  # labels of another task
     float_labels = tmp / "float_labels"
@@ -179,18 +175,17 @@ def _bad_inputs(tmp: Path, digits_onnx: Path, digits_data: Path, bundle: Path) -
         "spec typo": ([*deploy, "--spec", typo, *calib], "did you mean 'entropy'"),
         "unknown profile": (["deploy", digits_onnx, "--target", "jetson-nano", *calib], "unknown hardware profile"),
         "wrong shape": ([*deploy, "--calib", wrong], "has samples of shape 1x8x9"),
-        "nan": ([*deploy, "--calib", nan], "NaN or Inf (first in sample 3)"),
+        "nan": ([*deploy, "--calib", nan], "NaN or Inf in 1 of its 10 samples (the first is sample 3"),
         "empty folder": ([*deploy, "--calib", empty], "holds no .npy or .npz files"),
         "no calibration": ([*deploy], "needs calibration data"),
         "missing input shape": (["deploy", DIGITS_FACTORY, *calib], "needs --input-shape"),
         "bad input shape": (["deploy", DIGITS_FACTORY, "--input-shape", "1x1x9", *calib], "check --input-shape"),
-        "tampered bundle": (["verify", tampered], "was modified after the bundle was written"),
         "not a bundle": (["verify", empty], "is not a qdeploy bundle"),
     }
 
 
 CASES = ["missing model", "corrupt onnx", "spec typo", "unknown profile", "wrong shape", "nan", "empty folder",
-         "no calibration", "missing input shape", "bad input shape", "tampered bundle", "not a bundle",
+         "no calibration", "missing input shape", "bad input shape", "not a bundle",
          "labels of another task", "float labels", "unreadable labels", "scalar data", "impossible budget",
          "budget above fp32", "metric typo", "bad profile file", "verify unlabelled", "port out of range",
          "unknown flag", "not torchscript"]
@@ -241,11 +236,11 @@ def test_a_manifest_without_its_integrity_map_is_refused(capsys, tmp_path, digit
     del manifest["files"]
     (bad / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(capsys, "verify", bad)
-    assert code == 2 and "no integrity map" in err
+    assert code == 1 and "no integrity map" in err  # a failed integrity check, not bad input
     manifest["files"] = {"../outside.txt": "0" * 64}
     (bad / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(capsys, "verify", bad)
-    assert code == 2 and "outside the bundle" in err
+    assert code == 1 and "outside the bundle" in err
 
 
 def test_a_bundle_of_an_unknown_schema_version_is_refused(capsys, tmp_path, digits_bundle):

@@ -233,7 +233,7 @@ def test_tampered_bundle_is_refused(base_bundle, tmp_path):
         FallbackModel(bundle)
     proc = subprocess.run([sys.executable, "-m", "qdeploy.cli", "serve", str(bundle), "--port", str(_free_port())],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # integrity: a failed check, not a typo
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "sha256" in lines[0] and lines[0].startswith("qdeploy: error:"), proc.stderr
 

@@ -117,7 +117,8 @@ class FallbackModel:
     def __init__(self, bundle: Bundle | str | Path, *, name: str | None = None, policy: str = "auto",
                  reference_fallback: bool = True, breaker_errors: int = 3, breaker_window: int = 20,
                  drift_sample: float = 0.05, drift_window: int = 64, warmup_rtol: float = 0.05,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None, threads: int | None = None,
+                 allow_nonfinite: bool = False) -> None:
         if policy not in POLICIES:
             raise QDeployError(f"serve policy {policy!r} is not one of {', '.join(POLICIES)}")
         if not 1 <= breaker_errors <= breaker_window:
@@ -134,6 +135,10 @@ class FallbackModel:
         else:
             bundle = Bundle.load(bundle)  # verifies every sha256; a tampered bundle raises BundleError
         self.bundle = bundle
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise QDeployError(f"threads {threads!r} must be a whole number >= 1 (intra-op threads per runner)")
+        self.threads = threads or bundle.threads  # default: what the deploy measured the chain's order with
+        self.allow_nonfinite = allow_nonfinite
         m = bundle.manifest
         self.name = name or bundle.path.resolve().name
         self.policy = policy
@@ -242,7 +247,8 @@ class FallbackModel:
         runner = None
         try:
             try:
-                runner = self.bundle.reference_runner() if slot.is_reference else self.bundle.runner(slot.id)
+                runner = (self.bundle.reference_runner(self.threads) if slot.is_reference
+                          else self.bundle.runner(slot.id, self.threads))
             except QDeployError as exc:  # the backend is not installed here
                 code = BACKEND_UNAVAILABLE
                 raise exc
@@ -348,6 +354,11 @@ class FallbackModel:
             if arr.dtype != dtype:
                 raise RequestError(f"input {name!r} has dtype {arr.dtype}; model {self.name} takes {dtype}")
             check_shape(name, arr.shape, shape)
+            if not self.allow_nonfinite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = np.argwhere(~np.isfinite(arr).reshape(len(arr), -1).all(axis=1)).ravel()
+                raise RequestError(f"input {name!r} holds NaN or Infinity (sample {int(bad[0])} of the batch); a "
+                                   f"quantized model would answer with finite but meaningless outputs. Clean the "
+                                   f"input, or start the server with --allow-nonfinite")
             if batch is not None and arr.shape[0] != batch:
                 raise RequestError(f"input {name!r} has batch size {arr.shape[0]}; other inputs have {batch}")
             batch = arr.shape[0]

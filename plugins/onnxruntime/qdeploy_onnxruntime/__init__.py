@@ -15,7 +15,7 @@ from typing import Any
 
 import pluggy
 
-from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, quiet
+from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, quiet, threads_of
 from qdeploy.spec import summarize_precision
 from qdeploy.errors import BackendError
 
@@ -194,7 +194,7 @@ class OnnxRuntimeBackend(Backend):
     def runner(self, path: Path, meta: Mapping[str, Any]) -> OrtRunner:
         provider = meta.get("provider", "cpu")
         providers = [PROVIDERS[provider], "CPUExecutionProvider"] if provider != "cpu" else None
-        return OrtRunner(path, providers)
+        return OrtRunner(path, providers, threads=threads_of(meta))
 
 
 def _preprocessed(reference: Path, workdir: Path, nodes: list[str]) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from qdeploy.backend import Artifact, Backend, Capabilities, Plan, Runner, quiet
+from qdeploy.backend import Artifact, Backend, Capabilities, Plan, Runner, quiet, threads_of
 from qdeploy.spec import summarize_precision
 from qdeploy.errors import BackendError
 
@@ -280,7 +280,7 @@ class LiteRTRunner(Runner):
         if interp is None:
             raise BackendError(reason, "LOAD_FAILED")
         meta = meta or {}
-        threads = threads or int(os.environ.get("QDEPLOY_TFLITE_THREADS", "0")) or None
+        threads = threads or threads_of(meta) or int(os.environ.get("QDEPLOY_TFLITE_THREADS", "0")) or None
         error = None
         with _native_stderr_muted() as native:
             try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qdeploy.backend import Runner
+from qdeploy.backend import Runner, threads_of
 from qdeploy.errors import BackendError, DataError
 
 
@@ -71,8 +71,9 @@ class TorchRunner(Runner):
             else:
                 self.fn = self.module
         self.sample_shapes = {k: tuple(v) for k, v in meta.get("sample_shapes", {}).items()}
-        if int(meta.get("threads", 0)) > 0:  # the profile entry's ``threads`` option (process-wide in torch)
-            torch.set_num_threads(int(meta["threads"]))
+        # torch's intra-op thread count is process-wide: it is set around each call and put back after, so
+        # this runner uses what it was asked for and leaves every other runner (and the caller) theirs
+        self.threads = threads_of(meta)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -92,8 +93,15 @@ class TorchRunner(Runner):
             args.append(t if self.device == "cpu" else t.to(self.device))
         # freezing is read at every (re)compile: patch it back on if anything turned it off since __init__
         ctx = contextlib.nullcontext() if inductor_config.freezing else inductor_config.patch(freezing=True)
-        with torch.no_grad(), ctx:
-            out = self.fn(*args)
+        before = torch.get_num_threads()
+        if self.threads and self.threads != before:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad(), ctx:
+                out = self.fn(*args)
+        finally:
+            if self.threads and self.threads != before:
+                torch.set_num_threads(before)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         result = {}
         for k, v in zip(self.output_names, outs):
