@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_torch.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_tensorrt_sim.py
+	$(BIN)/python benchmarks/bench_latency.py
 
 clean:
 	rm -rf build

@@ -23,19 +23,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 
 def median_latency(runners: dict, feed: dict, rounds: int, budget_s: float) -> dict[str, float]:
-    """Interleaved timing: each round runs every runner once, so drift hits all of them alike."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in runners.values():
-        r.infer(feed)
-    start = time.perf_counter()
-    for i in range(rounds):
-        for k, r in runners.items():
-            t = time.perf_counter()
-            r.infer(feed)
-            times[k].append(time.perf_counter() - t)
-        if time.perf_counter() - start > budget_s and i >= 4:
-            break
-    return {k: float(np.median(v) * 1000) for k, v in times.items()}
+    """Interleaved timing (qdeploy's own side-by-side timer): each round runs every runner once on ``feed``."""
+    from qdeploy.verify import side_by_side
+
+    n = len(next(iter(feed.values())))
+    return {k: t.median_ms for k, t in side_by_side(runners, feed, batch=n, rounds=rounds, budget_s=budget_s,
+                                                      warmup=1).items()}
 
 
 def calibration_reader(calib: dict[str, np.ndarray]):
