@@ -67,6 +67,32 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline import sensitivity
+    from .report import text_table
+
+    table = sensitivity(args.model, target=args.target, spec=args.spec, calib=args.calib, val=args.val,
+                        input_shape=args.input_shape, backends=args.backend, threads=args.threads, echo=_echo,
+                        progress=_Bar())
+    rows = [[r.layer, r.op_type, f"{r.sqnr_only_quantized:.1f}",
+             "" if r.sqnr_all_but_this is None else f"{r.sqnr_all_but_this:.1f}",
+             f"{r.cost_bytes / 1024:.1f} KiB"] for r in table.ranked()]
+    print(f"\nsensitivity of {table.output!r} to each layer in {table.precision} ({table.target}; SQNR in dB on the "
+          f"{table.samples} samples quantization hurts most; all layers quantized: {table.sqnr_all_quantized:.1f} dB"
+          f"{'; from the cache' if table.cached else ''})\n")
+    print(text_table(["layer", "op", "only it quantized", "all but it", "cost (float weights)"], rows))
+    out = Path(args.output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.write(out.with_suffix(".json"), out.with_suffix(".csv"))
+    except OSError as exc:
+        raise QDeployError(f"cannot write {out}: {exc.strerror or exc}; choose a writable -o path") from None
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .pipeline import check
 
@@ -100,10 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
-    from .calibration import check_label_range, open_data
-    from .model import ModelHandle, TensorInfo
-    from .spec import QuantSpec
-    from .verify import check_budget, is_classifier, output_metrics, run_all
+    from .verify import verify_artifact
 
     bundle = Bundle.load(args.bundle)  # a modified or missing file raises IntegrityError: exit 1
     m = bundle.manifest
@@ -116,29 +139,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(f"bundle {args.bundle}: integrity ok ({len(m['files'])} files, sha256 checked, no unlisted file)")
     threads = args.threads or bundle.threads
-    budget = QuantSpec.from_dict(m["spec"]).budget
-    out_name = m["budget_output"]
-    stored = bundle.samples()
-    if args.val:
-        inputs = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in m["model"]["inputs"]]
-        handle = ModelHandle(bundle.reference_path, inputs, [], {}, "", "onnx", "")
-        x, y = open_data(args.val, handle, "validation",
-                         hint="Give samples of the shape this bundle's model takes (its manifest's model.inputs)"
-                         ).arrays()
-        if y is None and budget.metric == "top1_accuracy":
-            raise DataError(f"validation data {args.val} has no labels, and this bundle's budget is top1_accuracy: "
-                            f"add the labels under 'y' (or a y.npy beside the .npy files)")
-    else:
-        x = {k.split(":", 1)[1]: v for k, v in stored.items() if k.startswith("input:")}
-        y = None
+    x, y, source = bundle.verification_data(args.val)
+    if not args.val:
         print(f"no --val: re-checking on the {len(next(iter(x.values())))} stored samples")
-    ref_runner = bundle.reference_runner(threads)
-    ref = run_all(ref_runner, x)
-    ref_runner.close()
-    if y is not None and is_classifier(ref[out_name]):
-        check_label_range(y, int(ref[out_name].shape[-1]), f"validation data {args.val}")
-    extra = _registry().metrics  # plugin metrics: a budget may be one of them
-    ref_metrics = output_metrics(ref[out_name], ref[out_name], y, extra)
+    reference = bundle.reference_run(x, y, threads, extra=_registry().metrics, source=source)
     checked = 0
     for art in bundle.artifacts:
         try:
@@ -146,21 +150,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except Exception as exc:  # a runtime missing here is reported, not fatal
             print(f"  {art['id']:<28} not runnable here: {exc}")
             continue
-        try:
-            out = run_all(runner, x)
+        try:  # one rule for unlabelled data: a label budget is judged on the outputs recorded when verified
+            found = verify_artifact(runner, reference, bundle.budget, bundle.budget_output,
+                                    recorded=bundle.recorded(art["id"]))
+            verdict, detail = ("pass" if found.passed else "FAIL"), found.describe()
+        except DataError as exc:  # the budget metric cannot be computed here, and nothing recorded to compare
+            verdict, detail = "FAIL", str(exc)
         finally:
             runner.close()
-        metrics = output_metrics(ref[out_name], out[out_name], y, extra)
-        if budget.metric in metrics:
-            res = check_budget(budget, metrics, ref_metrics, out_name)
-            verdict, detail = ("pass" if res.passed else "FAIL"), res.describe()
-        else:  # a label metric without labels: the artifact must still give the outputs it was verified with
-            verdict, detail = _matches_verified(stored, art["id"], out_name, out[out_name], budget.metric)
-            if verdict == "pass" and not (art.get("budget") or {}).get("passed", True):
-                verdict, detail = "FAIL", (f"{detail}; but it missed its budget when deployed "
-                                           f"({(art.get('budget') or {}).get('metric')} "
-                                           f"{(art.get('budget') or {}).get('value')} vs "
-                                           f"{(art.get('budget') or {}).get('budget')}): kept as the best found")
         checked += 1
         if verdict == "FAIL":
             status = 1
@@ -169,21 +166,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise QDeployError(f"no artifact of bundle {args.bundle} runs on this host: nothing was verified "
                            f"(see the lines above; install the backends or verify on the target)")
     return status
-
-
-def _matches_verified(stored: dict, art_id: str, output: str, got: Any, metric: str) -> tuple[str, str]:
-    """Without labels for a label budget: compare with the outputs recorded when the artifact was verified."""
-    import numpy as np
-
-    want = stored.get(f"{art_id}:{output}")
-    if want is None or np.shape(want) != np.shape(got):
-        return "FAIL", f"{metric} needs labels (pass --val with 'y') and the bundle holds no verified outputs to compare"
-    from .verify import recorded_gap
-
-    err, tol = recorded_gap(got, want)  # the warm-up tolerance of `qdeploy serve`
-    text = (f"outputs match the verified ones within {err:.3g} (tolerance {tol:.3g}); {metric} needs labels "
-            f"(pass --val with 'y') to be re-measured")
-    return ("pass" if err <= tol else "FAIL"), text
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -323,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_threads, help="intra-op threads of every runner while verifying and timing "
                    "(default: the profile's, else 1); the bundle records it and `serve` uses it")
     d.set_defaults(func=cmd_deploy)
+
+    se = sub.add_parser("sensitivity", help="the layer-wise sensitivity table alone (no artifact built), ranked, "
+                        "as JSON and CSV")
+    model_args(se)
+    se.add_argument("--calib", help="calibration data: folder of .npy/.npz, or one .npz")
+    se.add_argument("--val", help="validation data (default: the calibration data)")
+    se.add_argument("--output", "-o", default="sensitivity", help="write OUTPUT.json and OUTPUT.csv (default: "
+                    "sensitivity)")
+    se.add_argument("--threads", type=_threads, help="intra-op threads (default: the profile's, else 1)")
+    se.set_defaults(func=cmd_sensitivity)
 
     c = sub.add_parser("check", help="what would run on a target, what falls back and why (no build)")
     model_args(c)

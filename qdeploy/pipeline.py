@@ -22,7 +22,7 @@ from .model import ModelHandle, load_model, random_inputs
 from .plugins import Registry, get_registry
 from .profiles import Profile, detect_profile_name, load_profile_file, resolve_threads
 from .report import markdown_report
-from .simulate import layer_sensitivity
+from .sensitivity import compute as sensitivity_table
 from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
 from .verify import batch_for, budget_output, check_budget, is_classifier, output_metrics, run_all, side_by_side
 
@@ -35,7 +35,6 @@ def _log_echo(line: str) -> None:
     WARNING, the rest at INFO), so library callers configure it with :mod:`logging`."""
     log.log(logging.WARNING if line.startswith("warning") else logging.INFO, "%s", line)
 Progress = Callable[[str, int, int], None]
-SENSITIVITY_SAMPLES = 32
 WARMUP_SAMPLES = 8
 
 
@@ -105,6 +104,51 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
             "layers": len(handle.layers), "entries": entries,
             "warnings": [f"spec {t}" for t in spec.unmatched_overrides({n: layer.op_type
                                                                        for n, layer in handle.layers.items()})]}
+
+
+def sensitivity(model: Any, target: str | Profile | None = None, spec: Any = None, calib: Any = None,
+                val: Any = None, input_shape: Any = None, backends: list[str] | None = None,
+                threads: int | None = None, echo: Echo | None = None, progress: Progress | None = None) -> Any:
+    """The layer-wise sensitivity table alone (no artifact built): for the first entry of the target's profile
+    that can run the model, every quantized layer's simulated damage to the budget output with only it
+    quantized and with all but it quantized, on the samples quantization hurts most. Cached like a deploy's."""
+    registry = get_registry()
+    spec = load_spec(spec)
+    profile = resolve_profile(target, registry)
+    echo = echo or _log_echo
+    n_threads = resolve_threads(threads, profile)
+    with tempfile.TemporaryDirectory(prefix="qdeploy-sens-") as tmp:
+        handle = load_model(model, Path(tmp) / "reference.onnx", input_shape)
+        res = next((r for r in _resolutions(profile, registry, handle, spec, backends) if r.runnable), None)
+        if res is None:
+            raise NothingBuilt(f"no backend of profile {profile.name} can run this model here: nothing to measure "
+                               f"(see `qdeploy check`)")
+        rspec = res.spec
+        layer_prec, _ = initial_layer_precisions(res, handle.layers)
+        layers = [n for n, p in layer_prec.items() if p in QUANTIZED]
+        if not layers:
+            raise DataError(f"{res.target.label}: no layer is quantized under this spec: nothing to measure")
+        calib_ds = open_data(calib, handle, "calibration", rspec.calibration)
+        if calib_ds is None and _needs_ranges(rspec, handle):
+            raise DataError("static INT8 needs calibration data: pass --calib (a folder of .npy files or an .npz)")
+        val_ds = open_data(val, handle, "validation")
+        val_x = val_ds.arrays()[0] if val_ds else calib_ds.arrays()[0] if calib_ds else random_inputs(handle, 32)
+        ranges = None
+        if _needs_ranges(rspec, handle):
+            echo(f"calibrating: {calib_ds.count} samples, {rspec.activations.method} observers")
+            ranges = collect_ranges(handle, calib_ds, rspec.activations)
+        out_name = budget_output(rspec.budget, [o.name for o in handle.outputs])
+        runner = OrtRunner(handle.onnx_path, threads=n_threads)
+        try:
+            ref = run_all(runner, val_x)[out_name]
+        finally:
+            runner.close()
+        echo(f"{res.target.label}: {len(layers)} layers in {layer_prec[layers[0]]}, measured on {out_name!r}")
+        cb = (lambda d, n: progress("sensitivity", d, n)) if progress else None
+        table = sensitivity_table(handle, rspec, ranges, layers, val_x, ref, out_name, layer_prec[layers[0]],
+                                  both=True, progress=cb, threads=n_threads)
+    table.target = res.target.label
+    return table
 
 
 def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, calib: Any = None, val: Any = None,
@@ -246,7 +290,6 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                 echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
         return range_cache[key]
 
-    sens_x = {k: v[:SENSITIVITY_SAMPLES] for k, v in val_x.items()}
     built: list[dict[str, Any]] = []
     strict_failure: str | None = None
     for res in resolutions:
@@ -262,6 +305,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         label, rspec, backend = res.target.label, res.spec, res.backend
         ranges = ranges_for(rspec)
         sensitivity: dict[str, float] = {}
+        worst: list[int] = []  # the samples the ranking measured on
         changed: set[tuple[str, str, str]] = set()
 
         def build_and_verify(lp: dict[str, str], i: int) -> Trial:
@@ -296,19 +340,22 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             if res.ladder[0] not in QUANTIZED:
                 return names
             if not sensitivity:
-                echo(f"{label}: ranking {len(names)} layers by sensitivity")
-                sensitivity.update(layer_sensitivity(model, rspec, ranges, names, sens_x,
-                                                     ref_out[out_name][:SENSITIVITY_SAMPLES], out_name,
-                                                     res.ladder[0]))
+                cb = (lambda d, n: progress(f"sensitivity {label}", d, n)) if progress else None
+                table = sensitivity_table(model, rspec, ranges, names, val_x, ref_out[out_name], out_name,
+                                          res.ladder[0], progress=cb, threads=threads)
+                echo(f"{label}: ranked {len(names)} layers by sensitivity on the {table.samples} samples "
+                     f"quantization hurts most ({'from the cache' if table.cached else f'{table.seconds:.0f} s'})")
+                sensitivity.update({r.layer: r.sqnr_only_quantized for r in table.rows.values()})
+                worst[:] = table.worst
             return sorted(names, key=lambda n: sensitivity.get(n, float("inf")))
 
         def helps(layer: str, old: str, new: str) -> tuple[bool, str]:
             """Between two quantized types: does ``new`` damage the output less than ``old`` when only this
-            layer is quantized (the ranking's simulation, in ``new``)? Lazily, for promoted layers only."""
-            if old != res.ladder[0] or layer not in sensitivity:
+            layer is quantized (the ranking's simulation, on the ranking's samples)? For promoted layers only."""
+            if old != res.ladder[0] or layer not in sensitivity or not worst:
                 return True, ""
-            there = layer_sensitivity(model, rspec, ranges, [layer], sens_x, ref_out[out_name][:SENSITIVITY_SAMPLES],
-                                      out_name, new)[layer]
+            there = sensitivity_table(model, rspec, ranges, [layer], val_x, ref_out[out_name], out_name, new,
+                                      threads=threads, worst=worst).rows[layer].sqnr_only_quantized
             here = sensitivity[layer]
             return there > here, (f"simulated output SQNR {there:.1f} dB with only this layer in {new}, "
                                   f"{here:.1f} dB in {old}")

@@ -5,12 +5,11 @@
 scheme TensorRT defines: ``castToFp8(clip(x / s, -448, 448))``);
 :func:`fake_quant_weight` quantizes and dequantizes a weight per tensor / channel / group;
 :func:`simulated_model` writes an FP32 ONNX where chosen layers see fake-quantized weights and Q/DQ on their
-activation input. The fallback loop ranks layers with it (:func:`layer_sensitivity`): one layer quantized
+activation input. The fallback loop ranks layers with it (:mod:`qdeploy.sensitivity`): one layer quantized
 at a time, the damage measured on the budget output. It runs on onnxruntime, which the core already needs.
 """
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -205,25 +204,3 @@ def insert_qdq(proto: Any, node: Any, index: int, scale: np.ndarray, zero_point:
     proto.graph.node.insert(idx, dq)
     proto.graph.node.insert(idx, q)
     node.input[index] = f"{tag}_dq"
-
-
-def layer_sensitivity(model: ModelHandle, spec: QuantSpec, ranges: ActivationRanges | None,
-                      layers: Iterable[str], inputs: Mapping[str, np.ndarray], ref: np.ndarray,
-                      output: str, precision: str = "int8") -> dict[str, float]:
-    """SQNR (dB) of ``output`` when only that layer is quantized (to ``precision``): lower means more
-    sensitive."""
-    import onnx
-
-    from .backend import OrtRunner
-    from .verify import output_metrics, run_all
-
-    scores: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="qdeploy-sens-") as tmp:
-        for name in layers:
-            path = Path(tmp) / "sim.onnx"
-            onnx.save(simulated_model(model, spec, ranges, [name], precision), str(path))
-            runner = OrtRunner(path, disabled_optimizers=ORT_FP8_DISABLED_OPTIMIZERS if precision == "fp8" else ())
-            out = run_all(runner, inputs)[output]
-            scores[name] = output_metrics(ref, out)["sqnr_db"]
-            runner.close()
-    return scores

@@ -237,3 +237,57 @@ def test_the_default_torch_requirement_resolves_to_the_cpu_build(tmp_path):
     installs = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     assert installs["torch"].endswith("+cpu")
     assert not [n for n in installs if n.startswith(("nvidia-", "triton", "cuda"))], installs
+
+
+# ------------------------------------------------------------------------------------------- sensitivity table
+def test_sensitivity_command_writes_a_ranked_table_and_reuses_its_cache(capsys, tmp_path, monkeypatch, digits_onnx,
+                                                                         digits_data):
+    monkeypatch.setenv("QDEPLOY_CACHE", str(tmp_path / "cache"))
+    argv = ["sensitivity", digits_onnx, "--target", "x86-avx512-vnni", "--calib", digits_data / "calib.npz",
+            "--val", digits_data / "val.npz", "-o", tmp_path / "out" / "sens"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "only it quantized" in out and "from the cache" not in out
+    table = json.loads((tmp_path / "out" / "sens.json").read_text())
+    rows = table["rows"]
+    assert len(rows) == 5 and table["samples"] == 32
+    assert [r["sqnr_only_quantized"] for r in rows] == sorted(r["sqnr_only_quantized"] for r in rows)
+    assert all(r["sqnr_all_but_this"] is not None and r["cost_bytes"] > 0 for r in rows)
+    assert (tmp_path / "out" / "sens.csv").read_text().startswith("layer,op_type,")
+    assert list((tmp_path / "cache" / "sensitivity").glob("*.json"))
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "from the cache" in out
+    assert json.loads((tmp_path / "out" / "sens.json").read_text())["rows"] == rows
+
+
+def test_an_interrupted_sensitivity_run_resumes_from_the_cache(tmp_path, monkeypatch, digits_onnx, digits_data):
+    from qdeploy import sensitivity as sens
+    from qdeploy.calibration import collect_ranges, open_data
+    from qdeploy.model import load_model
+    from qdeploy.spec import QuantSpec
+
+    monkeypatch.setenv("QDEPLOY_CACHE", str(tmp_path / "cache"))
+    handle = load_model(digits_onnx, tmp_path / "ref.onnx")
+    spec = QuantSpec()
+    ranges = collect_ranges(handle, open_data(digits_data / "calib.npz", handle, "calibration", spec.calibration),
+                            spec.activations)
+    x = {"input": np.load(digits_data / "val.npz")["input"][:64]}
+    from qdeploy.backend import OrtRunner
+
+    ref = OrtRunner(handle.onnx_path).infer(x)["output"]
+    layers = list(handle.layers)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(done, total):
+        if done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        sens.compute(handle, spec, ranges, layers, x, ref, "output", progress=kill_after_two)
+    runs = []
+    real = sens._sqnr
+    monkeypatch.setattr(sens, "_sqnr", lambda a, b: runs.append(1) or real(a, b))
+    table = sens.compute(handle, spec, ranges, layers, x, ref, "output")
+    assert len(table.rows) == len(layers)
+    assert len(runs) == 1 + len(layers) - 2  # the all-quantized run, then only the layers not yet measured
