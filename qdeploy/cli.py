@@ -23,20 +23,31 @@ def _echo(msg: str) -> None:
 
 
 class _Bar:
-    """A one-line progress bar on stderr (only on a terminal)."""
+    """Progress of long steps on stderr, with elapsed time: a one-line bar on a terminal; elsewhere (CI, pipes)
+    one log line when a step that took more than a couple of seconds ends."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.last = 0.0
+        self.started: dict[str, float] = {}
 
     def __call__(self, what: str, done: int, total: int) -> None:
-        if not self.tty or (time.monotonic() - self.last < 0.1 and done < total):
+        now = time.monotonic()
+        start = self.started.setdefault(what, now)
+        if done >= total:
+            self.started.pop(what, None)
+        elapsed = now - start
+        if not self.tty:
+            if done >= total and elapsed >= 2.0:
+                print(f"{what}: {done}/{total} in {elapsed:.1f} s", file=sys.stderr, flush=True)
             return
-        self.last = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
         width = 30
         fill = int(width * done / max(total, 1))
         end = "\n" if done >= total else ""
-        sys.stderr.write(f"\r{what:<24} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}{end}")
+        sys.stderr.write(f"\r{what:<24} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {elapsed:5.1f} s{end}")
         sys.stderr.flush()
 
 

@@ -205,107 +205,164 @@ class Trial:
     outputs: dict[str, np.ndarray]
 
 
-def climb(layer_precisions: dict[str, str], ladder: tuple[str, ...], ranking: list[str],
-          pinned: set[str]) -> tuple[str, str, str] | None:
-    """Raise the most sensitive layer that can still climb by one rung: ``(layer, from, to)`` or None.
+Score = tuple[float, float]
+"""A layer's ``(noise, cost)``: the output noise it contributes when quantized (a fraction of the output's power,
+from its simulated SQNR alone) and the cost of promoting it (the float weight bytes it adds back)."""
 
-    Layers at the lowest rung go first, most sensitive first; then the next rung, and so on."""
-    order = sorted((ladder.index(layer_precisions[n]) if layer_precisions[n] in ladder else len(ladder), i, n)
-                   for i, n in enumerate(ranking) if n not in pinned)
-    for rung, _, name in order:
-        if rung < len(ladder) - 1:
-            return name, ladder[rung], ladder[rung + 1]
-    return None
+
+def promotion_order(scores: dict[str, Score]) -> list[str]:
+    """Layers by predicted gain per cost, best first (noise removed per byte added back; ties: more noise)."""
+    return sorted(scores, key=lambda n: (-scores[n][0] / max(scores[n][1], 1024.0), -scores[n][0], n))
+
+
+def prefix_for(order: list[str], scores: dict[str, Score], fraction: float) -> int:
+    """The shortest prefix of ``order`` whose layers carry ``fraction`` of the predicted noise (at least one)."""
+    total = sum(scores[n][0] for n in order) or 1.0
+    acc = 0.0
+    for k, name in enumerate(order, 1):
+        acc += scores[name][0]
+        if acc >= fraction * total - 1e-15:
+            return k
+    return len(order)
+
+
+STALL_VERIFICATIONS = 3
+"""Growing promotion sets that did not move the metric, in a row, before the search gives up on a rung."""
 
 
 def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], int], Trial],
-                  layer_precisions: dict[str, str], pinned: set[str], rank: Callable[[list[str]], list[str]],
-                  events: Events, helps: Callable[[str, str, str], tuple[bool, str]] | None = None,
-                  ) -> tuple[Trial, list[Trial]]:
-    """Build, verify, and while the budget fails promote the worst layer one rung; bounded by the spec's
-    ``max_trials`` and ``time_budget_s``. Returns the best trial (the passing one, else the closest) and all.
+                  layer_precisions: dict[str, str], pinned: set[str],
+                  score: Callable[[list[str]], dict[str, Score]], events: Events,
+                  helps: Callable[[str, str, str], tuple[bool, str]] | None = None) -> tuple[Trial, list[Trial]]:
+    """Build and verify; while the budget fails, search the set of layers to promote (a search, not a walk).
+
+    Layers are ordered by predicted gain per cost (:func:`promotion_order`, from the simulated sensitivity).
+    Each rung of the ladder in turn: promote the shortest prefix carrying half the predicted noise, then three
+    quarters, seven eighths, ... until a build passes; then bisect the prefix back down between the largest
+    failing and the smallest passing set, so promotions that were not needed are undone. Every verification
+    counts against ``max_trials`` (full verifications, not loop iterations) and ``time_budget_s``; a rung stops
+    after :data:`STALL_VERIFICATIONS` growing sets in a row that did not move the metric. Returns the passing
+    trial with the fewest promotions, else the closest trial, and all trials.
 
     ``helps(layer, from, to)`` judges a step between two quantized types (INT8 -> FP8 is not always a step up:
-    E4M3 has 3 mantissa bits); a rung it rejects is skipped for that layer, and the event says why."""
+    E4M3 has 3 mantissa bits); a layer it rejects skips that rung, and the event says why."""
     spec = res.spec
     assert spec is not None
     label = res.target.label
     start = time.monotonic()
     trials: list[Trial] = []
-    ranking: list[str] | None = None
-    current = dict(layer_precisions)
-    step: tuple[str, str, str] | None = None
-    attempts = 0  # builds tried, skipped rungs included: they count against the trial and time budgets
-    while True:
-        attempts += 1
-        try:
-            trial = build_and_verify(current, attempts - 1)
-        except BackendError as exc:
-            if not trials:
-                raise
-            layer, _, new = step if step else (None, None, None)
-            higher = res.ladder[res.ladder.index(new) + 1:] if new in res.ladder else ()
-            within = attempts <= spec.fallback.max_trials and time.monotonic() - start <= spec.fallback.time_budget_s
-            if exc.code == "PRECISION_UNSUPPORTED" and layer and higher and within and \
-                    spec.fallback.policy != "strict":
-                # this backend cannot build that rung here: the layer skips it and climbs on
-                events.emit(exc.code, label, f"{exc} (layer {layer} in {new}); skipping {new} for it: "
-                            f"{new} -> {higher[0]}", layer=layer, requested=new, resolved=higher[0])
-                step = (layer, new, higher[0])
-                current[layer] = higher[0]
-                continue
-            # a promotion the backend cannot build: keep what was already built and verified
-            events.emit(exc.code, label, f"{exc} (while building trial {len(trials)}); keeping the best artifact "
-                        f"built so far")
-            break
-        trials.append(trial)
-        # a backend may build a layer higher than asked (an event says so): climb on from what it built
-        current.update({n: p for n, p in trial.artifact.layer_precisions.items() if n in current})
-        b = trial.budget
-        if b.passed:
-            return trial, trials
-        elapsed = time.monotonic() - start
-        details = {"metric": b.metric, "value": b.value, "budget": b.budget, "output": b.output,
-                   "trial": len(trials) - 1, "precision": trial.artifact.precision}
-        if spec.fallback.policy == "strict":
-            events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; policy is strict: no fallback",
-                        action="fail", **details)
-            break
-        if attempts > spec.fallback.max_trials or elapsed > spec.fallback.time_budget_s:
-            events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; trial/time budget spent "
-                        f"({len(trials) - 1} promotions, {elapsed:.0f} s): keeping the best artifact found",
-                        action="stop", **details)
-            break
-        if ranking is None:
-            ranking = rank([n for n, p in current.items() if p == res.ladder[0] and n not in pinned])
-            ranking += [n for n in current if n not in ranking]
-        step = climb(current, res.ladder, ranking, pinned)
-        if step is None:
-            events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; every layer is already at the top of "
-                        f"the ladder {list(res.ladder)}", action="stop", **details)
-            break
-        layer, old, new = step
-        skipped: list[str] = []
-        while helps is not None and old in QUANTIZED and new in QUANTIZED:
-            ok, why = helps(layer, old, new)
-            higher = res.ladder[res.ladder.index(new) + 1:]
-            if ok or not higher:
+    def better(t: Trial) -> float:
+        return t.budget.value if _higher(t.budget.metric) else -t.budget.value
+
+    def within() -> bool:
+        return len(trials) <= spec.fallback.max_trials and time.monotonic() - start <= spec.fallback.time_budget_s
+
+    first = build_and_verify(dict(layer_precisions), 0)
+    trials.append(first)
+    if first.budget.passed:
+        return first, trials
+    b = first.budget
+    details = {"metric": b.metric, "value": b.value, "budget": b.budget, "output": b.output}
+    if spec.fallback.policy == "strict":
+        events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; policy is strict: no fallback",
+                    action="fail", trial=0, precision=first.artifact.precision, **details)
+        return first, trials
+    base = {n: p for n, p in first.artifact.layer_precisions.items() if n in layer_precisions} or dict(layer_precisions)
+    candidates = [n for n, p in base.items() if p == res.ladder[0] and n not in pinned]
+    stop_reason = ""
+    passing: tuple[int, Trial] | None = None
+    if len(res.ladder) < 2 or not candidates:
+        stop_reason = f"every layer is already at the top of the ladder {list(res.ladder)}"
+    elif not within():
+        stop_reason = f"trial/time budget spent ({len(trials)} verification(s), {time.monotonic() - start:.0f} s)"
+    scores = score(candidates) if not stop_reason else {}
+    order = promotion_order({n: scores.get(n, (0.0, 0.0)) for n in candidates}) if not stop_reason else []
+    for rung in res.ladder[1:] if not stop_reason else ():
+        targets: dict[str, tuple[str, list[str]]] = {}  # layer -> (the rung it gets, rungs it skipped and why)
+
+        def target_of(name: str) -> tuple[str, list[str]]:
+            if name not in targets:
+                new, skipped = rung, []
+                while helps is not None and res.ladder[0] in QUANTIZED and new in QUANTIZED:
+                    ok, why = helps(name, res.ladder[0], new)
+                    up = res.ladder[res.ladder.index(new) + 1:]
+                    if ok or not up:
+                        break
+                    skipped.append(f"{new} ({why})")
+                    new = up[0]
+                targets[name] = (new, skipped)
+            return targets[name]
+
+        fail_k, pass_k, fraction, stalled = 0, None, 0.5, 0
+        best_value = better(first)
+        while True:
+            if pass_k is None:
+                k = max(prefix_for(order, {n: scores.get(n, (0.0, 0.0)) for n in order}, fraction), fail_k + 1)
+                k = min(k, len(order))
+            elif pass_k - fail_k <= 1:
+                break  # bisection done: pass_k is the smallest passing prefix found
+            else:
+                k = (fail_k + pass_k) // 2
+            if not within():
+                stop_reason = (f"trial/time budget spent ({len(trials)} verification(s), "
+                               f"{time.monotonic() - start:.0f} s)")
                 break
-            skipped.append(f"{new} ({why})")
-            new = higher[0]
-        note = f" (skipped {'; '.join(skipped)})" if skipped else ""
-        events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}; promoting layer {layer} {old} -> {new}{note}",
-                    action="promote", layer=layer, **{"from": old, "to": new}, **details,
-                    **({"skipped": skipped} if skipped else {}))
-        step = (layer, old, new)
-        current[layer] = new
-    best = max(trials, key=lambda t: (t.budget.value if _higher(t.budget.metric) else -t.budget.value))
-    if not best.budget.passed and spec.fallback.policy != "strict":
-        b = best.budget
-        events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}: the best of {len(trials)} trial(s) still "
-                    f"misses the budget; kept, marked as failing (servers and `verify` see budget.passed false)",
-                    action="keep", metric=b.metric, value=b.value, budget=b.budget, output=b.output,
-                    trial=trials.index(best), precision=best.artifact.precision)
+            config = dict(base)
+            for name in order[:k]:
+                config[name] = target_of(name)[0]
+            phase = "grow" if pass_k is None else "bisect"
+            for name in order[:k]:
+                new, skipped = target_of(name)
+                note = f" (skipped {'; '.join(skipped)})" if skipped else ""
+                events.emit("ACCURACY_BELOW_BUDGET", label,
+                            f"{trials[-1].budget.describe()}; trial {len(trials)} promotes {k} of {len(order)} "
+                            f"layers ({phase}): layer {name} {res.ladder[0]} -> {new}{note}",
+                            action="promote", layer=name, **{"from": res.ladder[0], "to": new}, trial=len(trials),
+                            set_size=k, phase=phase, **details, **({"skipped": skipped} if skipped else {}))
+            try:
+                trial = build_and_verify(config, len(trials))
+            except BackendError as exc:
+                if exc.code == "PRECISION_UNSUPPORTED" and rung != res.ladder[-1]:
+                    events.emit(exc.code, label, f"{exc} (trial {len(trials)}, layers promoted to {rung}); this "
+                                f"rung cannot be built here: trying the next one")
+                    break  # the next rung of the ladder
+                events.emit(exc.code, label, f"{exc} (while building trial {len(trials)}); keeping the best artifact "
+                            f"built so far")
+                stop_reason = "a promotion could not be built"
+                break
+            trials.append(trial)
+            if trial.budget.passed:
+                pass_k, passing = k, (k, trial)
+                continue
+            fail_k = k
+            if pass_k is None:
+                if k >= len(order):
+                    break  # every candidate on this rung and still below budget: the next rung, if any
+                if better(trial) <= best_value + 1e-9:
+                    stalled += 1
+                    if stalled >= STALL_VERIFICATIONS:
+                        stop_reason = (f"{stalled} larger promotion sets in a row did not move "
+                                       f"{trial.budget.metric}")
+                        break
+                else:
+                    stalled = 0
+                best_value = max(best_value, better(trial))
+                fraction = 1 - (1 - fraction) / 2
+        if passing is not None or stop_reason:
+            break
+    if passing is not None:
+        return passing[1], trials
+    best = max(trials, key=better)
+    b = best.budget
+    last = trials[-1].budget
+    events.emit("ACCURACY_BELOW_BUDGET", label, f"{last.describe()}; {stop_reason or 'every promotion on the ladder '}"
+                f"{'' if stop_reason else str(list(res.ladder)) + ' tried'}", action="stop", metric=last.metric,
+                value=last.value, budget=last.budget, output=last.output, trial=len(trials) - 1,
+                precision=trials[-1].artifact.precision)
+    events.emit("ACCURACY_BELOW_BUDGET", label, f"{b.describe()}: the best of {len(trials)} verification(s) still "
+                f"misses the budget; kept, marked as failing (servers and `verify` see budget.passed false)",
+                action="keep", metric=b.metric, value=b.value, budget=b.budget, output=b.output,
+                trial=trials.index(best), precision=best.artifact.precision)
     return best, trials
 
 

@@ -306,6 +306,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         ranges = ranges_for(rspec)
         sensitivity: dict[str, float] = {}
         worst: list[int] = []  # the samples the ranking measured on
+        costs: dict[str, float] = {}
         changed: set[tuple[str, str, str]] = set()
 
         def build_and_verify(lp: dict[str, str], i: int) -> Trial:
@@ -336,9 +337,11 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                  f"{'pass' if budget.passed else 'below budget'}")
             return Trial(art, metrics, budget, outs)
 
-        def rank(names: list[str]) -> list[str]:
+        def score(names: list[str]) -> dict[str, tuple[float, float]]:
+            """Each layer's predicted output noise when quantized (from its simulated SQNR alone) and the cost
+            of promoting it (its float weight bytes), for the search."""
             if res.ladder[0] not in QUANTIZED:
-                return names
+                return {n: (1.0, 1.0) for n in names}
             if not sensitivity:
                 cb = (lambda d, n: progress(f"sensitivity {label}", d, n)) if progress else None
                 table = sensitivity_table(model, rspec, ranges, names, val_x, ref_out[out_name], out_name,
@@ -346,8 +349,9 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                 echo(f"{label}: ranked {len(names)} layers by sensitivity on the {table.samples} samples "
                      f"quantization hurts most ({'from the cache' if table.cached else f'{table.seconds:.0f} s'})")
                 sensitivity.update({r.layer: r.sqnr_only_quantized for r in table.rows.values()})
+                costs.update({r.layer: float(r.cost_bytes) for r in table.rows.values()})
                 worst[:] = table.worst
-            return sorted(names, key=lambda n: sensitivity.get(n, float("inf")))
+            return {n: (10 ** (-sensitivity[n] / 10) if n in sensitivity else 0.0, costs.get(n, 0.0)) for n in names}
 
         def helps(layer: str, old: str, new: str) -> tuple[bool, str]:
             """Between two quantized types: does ``new`` damage the output less than ``old`` when only this
@@ -361,7 +365,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                                   f"{here:.1f} dB in {old}")
 
         try:
-            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, rank, events, helps)
+            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, score, events, helps)
         except BackendError as exc:
             events.emit(exc.code, label, str(exc))
             if rspec.fallback.policy == "strict":
@@ -374,7 +378,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             strict_failure = f"{label}: {best.budget.describe()}"
             break
         if per_layer and not sensitivity and res.ladder[0] in QUANTIZED:
-            rank([n for n, p in best.artifact.layer_precisions.items() if p == res.ladder[0]])
+            score([n for n, p in best.artifact.layer_precisions.items() if p == res.ladder[0]])
         built.append(_record(res, best, len(trials), sensitivity, staging))
     if strict_failure:
         raise BudgetNotMet(f"accuracy budget not met and policy is strict: {strict_failure}")

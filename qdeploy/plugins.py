@@ -115,7 +115,8 @@ def quiet_frameworks() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # LiteRT / TensorFlow C++ INFO and WARNING lines
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch C++ TORCH_WARN lines (deprecations)
-    for name in ("torchao", "torch.utils._pytree", "torch._inductor", "torch.onnx", "absl", "onnxruntime"):
+    for name in ("torchao", "torch.utils._pytree", "torch._inductor", "torch.onnx", "absl", "onnxruntime", "onnxscript",
+                 "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"(torch|torchao|litert_torch|ai_edge_\w+|onnxruntime)(\.|$)")
 
