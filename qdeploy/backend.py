@@ -221,3 +221,124 @@ def quiet(*loggers: str) -> Iterator[None]:
     finally:
         for lg, lv in zip(objs, levels):
             lg.setLevel(lv)
+
+
+# --- the public helpers plugins may use --------------------------------------------------------------------------
+# A plugin imports ``qdeploy.backend``, ``qdeploy.errors`` and ``qdeploy.spec`` and nothing else of the core
+# (tests/test_boundary.py). What more of the core a backend needs is exported here, deliberately and under
+# public names; each helper imports its core module when it is called (and each type on first access, through
+# the module ``__getattr__`` below), so ``import qdeploy.backend`` stays as light as it was.
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
+    from .calibration import Observer
+    from .spec import ActivationSpec, Budget
+    from .verify import Recorded, Reference, Verification
+
+_PUBLIC_TYPES = {
+    "ActivationRanges": "calibration",  # calibrated (lo, hi) per activation tensor: Plan.ranges
+    "BackendTarget": "profiles",        # one entry of a profile's backend chain: the ``target`` of every step
+    "Bundle": "bundle",                 # a loaded, integrity-checked bundle (see load_bundle)
+    "Reference": "verify",              # the FP32 reference run on the verification data
+    "Recorded": "verify",               # what an artifact was verified with: inputs, outputs, budget verdict
+    "Verification": "verify",           # what verify_artifact found
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The contract's types that live in core modules, imported on first use."""
+    module = _PUBLIC_TYPES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"qdeploy.{module}"), name)
+
+
+def make_observer(activations: ActivationSpec) -> Observer:
+    """A fresh calibration observer for the spec's activation settings (its ``method``, ``percentile``,
+    ``momentum``, ``symmetric``): ``update(batch)`` with numpy arrays, then ``range()`` is ``(lo, hi)``. For a
+    backend that observes inside its own framework with the same numbers as the core's calibration."""
+    from .calibration import make_observer as make
+    return make(activations)
+
+
+def cpu_flags() -> set[str]:
+    """This host's CPU feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    from .profiles import cpu_flags as flags
+    return flags()
+
+
+def gpu_compute_capability() -> tuple[str, str] | None:
+    """``(GPU name, compute capability like "8.9")`` of the first visible NVIDIA GPU (nvidia-smi), or None."""
+    from .profiles import gpu_compute_capability as cc
+    return cc()
+
+
+def parse_input_shape(text: str | tuple | list | None) -> tuple[int, ...] | None:
+    """``"1x3x32x32"`` (an ``--input-shape``) as a tuple; a ModelError names the problem."""
+    from .model import parse_shape
+    return parse_shape(text)
+
+
+def load_torch_module(source: str | Path) -> Any:
+    """The PyTorch module a model argument names, as ``qdeploy deploy`` loads it: a ``.pt2`` torch.export
+    program (its ``module()``), or a factory ``file.py:function`` / ``package.module:attr``. ModelError if not."""
+    from .model import _load_factory, _load_pt2
+
+    text = str(source)
+    return _load_pt2(Path(text)) if text.endswith(".pt2") else _load_factory(text)
+
+
+# ONNX Q/DQ graph helpers: the ones the core's fake-quantization simulator writes its graphs with
+def insert_qdq(proto: Any, node: Any, index: int, scale: np.ndarray, zero_point: np.ndarray, tag: str) -> None:
+    """Put a QuantizeLinear/DequantizeLinear pair in front of input ``index`` of ``node`` (scale and zero
+    point become initializers named after ``tag``; only this consumer sees the quantized tensor)."""
+    from .simulate import insert_qdq as insert
+    insert(proto, node, index, scale, zero_point, tag)
+
+
+def ensure_opset(proto: Any, version: int) -> Any:
+    """``proto`` converted to at least opset ``version`` of the default domain (unchanged when it is there)."""
+    from .simulate import ensure_opset as ensure
+    return ensure(proto, version)
+
+
+def output_channel_axis(node: Any, weight_rank: int) -> int:
+    """The output-channel axis of a weighted ONNX node's weight: 0 for Conv and Gemm with transB=1, 1 for
+    ConvTranspose and Gemm with transB=0, the last axis for MatMul."""
+    from .simulate import output_channel_axis as axis
+    return axis(node, weight_rank)
+
+
+def fp8_scale(amax: float | np.ndarray) -> np.ndarray:
+    """FP8 E4M3 scale for a symmetric range of ±amax (amax / 448)."""
+    from .simulate import fp8_scale as scale
+    return scale(amax)
+
+
+def fp8_zero_point() -> np.ndarray:
+    """The zero point of an FP8 Q/DQ pair: a ``float8_e4m3fn`` zero."""
+    from .simulate import fp8_zero_point as zero
+    return zero()
+
+
+def ort_disabled_optimizers(proto: Any) -> tuple[str, ...]:
+    """The onnxruntime graph rewrites to disable for a Q/DQ graph (``OrtRunner(disabled_optimizers=...)``): the
+    ones that are wrong for FP8 pairs when the graph holds any, else none."""
+    from .simulate import ORT_FP8_DISABLED_OPTIMIZERS, has_fp8_qdq
+    return tuple(ORT_FP8_DISABLED_OPTIMIZERS) if has_fp8_qdq(proto) else ()
+
+
+# bundles and verification: for a plugin's own command that re-verifies a bundle's artifact (build-engine)
+def load_bundle(path: str | Path) -> Bundle:
+    """The bundle at ``path``, integrity-checked (BundleError / IntegrityError otherwise). It reads its
+    verification data and reference run, and it is the only writer of its manifest (``replace_artifact``)."""
+    from .bundle import Bundle
+    return Bundle.load(path)
+
+
+def verify_artifact(runner: Runner, reference: Reference, budget: Budget, output: str | None = None,
+                    where: Mapping[str, Any] | None = None, recorded: Recorded | None = None) -> Verification:
+    """Run ``runner`` on the reference's inputs and judge it: :func:`qdeploy.verify.verify_artifact`."""
+    from .verify import verify_artifact as verify
+    return verify(runner, reference, budget, output=output, where=where, recorded=recorded)

@@ -175,3 +175,104 @@ class Bundle:
         """Warm-up samples: ``input:<name>``, ``reference:<output>`` and ``<artifact id>:<output>`` arrays."""
         with np.load(self.path / SAMPLES) as data:
             return dict(data)
+
+    # --- verification data, and replacing what a later verification found (build-engine) ---------------------
+    @property
+    def budget(self) -> Any:
+        """The accuracy budget of the spec the bundle was deployed with (a :class:`~qdeploy.spec.Budget`)."""
+        from .spec import QuantSpec
+        return QuantSpec.from_dict(self.manifest["spec"]).budget
+
+    @property
+    def budget_output(self) -> str:
+        return self.manifest["budget_output"]
+
+    def stored_inputs(self) -> dict[str, np.ndarray]:
+        """The warm-up inputs (``input:<name>`` of :meth:`samples`), by input name."""
+        return {k.split(":", 1)[1]: v for k, v in self.samples().items() if k.startswith("input:")}
+
+    def verification_data(self, val: Any = None) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
+        """``(inputs, labels, source)`` to re-verify the bundle on: ``val`` (a path, as ``--val`` takes) checked
+        against the manifest's model inputs, or the stored warm-up samples (no labels). Unlabelled ``val`` for a
+        ``top1_accuracy`` budget is a DataError: nothing recorded belongs to those samples."""
+        if val is None:
+            return self.stored_inputs(), None, "the bundle's stored samples"
+        from .calibration import open_data
+        from .errors import DataError
+        from .model import ModelHandle, TensorInfo
+
+        inputs = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in self.manifest["model"]["inputs"]]
+        handle = ModelHandle(self.reference_path, inputs, [], {}, "", "onnx", "")
+        data = open_data(val, handle, "validation",
+                         hint="Give samples of the shape this bundle's model takes (its manifest's model.inputs)")
+        if data is None:
+            raise DataError(f"no validation data at {val!r}")
+        x, y = data.arrays()
+        if y is None and self.budget.metric == "top1_accuracy":
+            raise DataError(f"validation data {val} has no labels, and this bundle's budget is top1_accuracy: "
+                            f"add the labels under 'y' (or a y.npy beside the .npy files)")
+        return x, y, f"validation data {val}"
+
+    def reference_run(self, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None,
+                      threads: int | None = None, extra: Any = None, source: str = "") -> Any:
+        """The FP32 reference run on ``inputs`` (:func:`qdeploy.verify.run_reference`) with the metrics plugins
+        registered (``extra``, default: the registry's) and ``threads`` (default: :attr:`threads`)."""
+        from .verify import run_reference
+
+        if extra is None:
+            from .plugins import get_registry
+            extra = get_registry().metrics
+        return run_reference(self.reference_path, inputs, labels, threads=threads or self.threads, extra=extra,
+                             label_output=self.budget_output, source=source or "validation data")
+
+    def recorded(self, key: int | str) -> Any:
+        """What artifact ``key`` was verified with (:class:`qdeploy.verify.Recorded`): the warm-up inputs, its
+        outputs on them and its budget verdict; None when the bundle holds no outputs of it."""
+        from dataclasses import fields
+
+        from .verify import BudgetResult, Recorded
+
+        art = self.artifact(key)
+        samples = self.samples()
+        prefix = f"{art['id']}:"
+        outputs = {k[len(prefix):]: v for k, v in samples.items() if k.startswith(prefix)}
+        if not outputs or not isinstance(art.get("budget"), dict):
+            return None
+        names = {f.name for f in fields(BudgetResult)}
+        budget = BudgetResult(**{k: v for k, v in art["budget"].items() if k in names})
+        return Recorded(self.stored_inputs(), outputs, budget)
+
+    def replace_artifact(self, record: dict[str, Any], outputs: dict[str, np.ndarray] | None = None,
+                         events: list[dict[str, Any]] | tuple = ()) -> None:
+        """Replace the manifest record of artifact ``record["id"]`` with ``record`` (its sha256 and sizes
+        recomputed from its files), its verified outputs in ``samples.npz`` with ``outputs`` (the artifact's
+        outputs on the stored warm-up inputs), append ``events``, keep the serving chain's rule (artifacts that
+        met their budget before those that did not; otherwise the order stays), then rewrite ``report.md`` and
+        the manifest with its integrity map. The bundle is the writer: plugins call this, never write_manifest."""
+        from .report import markdown_report
+
+        arts = self.manifest["artifacts"]
+        index = next((i for i, a in enumerate(arts) if a["id"] == record["id"]), None)
+        if index is None:
+            raise BundleError(f"bundle {self.path} has no artifact {record['id']!r} to replace")
+        record = dict(record)
+        path = self.path / record["path"]
+        record["sha256"], record["size_bytes"] = path_sha256(path), path_size(path)
+        ref_size = self.manifest.get("reference", {}).get("size_bytes")
+        if ref_size:
+            record["size_vs_fp32"] = record["size_bytes"] / ref_size
+        if outputs is not None:
+            samples = self.samples()
+            n = len(next(v for k, v in samples.items() if k.startswith("input:")))
+            samples = {k: v for k, v in samples.items() if not k.startswith(f"{record['id']}:")}
+            samples.update({f"{record['id']}:{k}": np.asarray(v)[:n] for k, v in outputs.items()})
+            tmp = self.path / f".{SAMPLES}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                np.savez(f, **samples)  # type: ignore[arg-type]  # numpy's stub: a key could be allow_pickle
+            os.replace(tmp, self.path / SAMPLES)
+        arts[index] = record
+        arts.sort(key=lambda a: not (a.get("budget") or {}).get("passed", True))  # stable: else the order stays
+        self.manifest.setdefault("events", []).extend(events)
+        if (self.path / "report.md").is_file():
+            (self.path / "report.md").write_text(markdown_report(self.manifest))
+        write_manifest(self.path, self.manifest)

@@ -62,7 +62,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     bundle = deploy(args.model, target=args.target, spec=args.spec, calib=args.calib, val=args.val,
                     output=args.output, input_shape=args.input_shape, backends=args.backend, policy=args.policy,
-                    per_layer=args.per_layer, echo=_echo, progress=_Bar(), threads=args.threads)
+                    per_layer=args.per_layer, echo=_echo, progress=_Bar(), threads=args.threads,
+                    objective=args.objective)
     m = bundle.manifest
     print(f"\nqdeploy {__version__}: {m['model']['source']} -> {args.output} (target {m['profile']['name']})\n")
     print(text_table(*summary_rows(m)))
@@ -275,6 +276,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export_triton import export_triton
+
+    if args.max_batch_size is not None and args.max_batch_size < 0:
+        raise QDeployError(f"--max-batch-size {args.max_batch_size} must be >= 0 (0: no batching)")
+    if args.instances < 1:
+        raise QDeployError(f"--instances {args.instances} must be >= 1 (model instances per device)")
+    done = export_triton(args.bundle, args.output, name=args.name, max_batch_size=args.max_batch_size,
+                         instances=args.instances, force=args.force)
+    print(f"Triton model repository: {done.path} ({len(done.models)} model(s); the bundle's fallback order):")
+    for m in sorted(done.models + done.skipped, key=lambda x: x.position):
+        if hasattr(m, "reason"):
+            print(f"  {m.position}. {m.artifact}: skipped: {m.reason}")
+        else:
+            print(f"  {m.position}. {m.label}: {m.name} ({m.platform}, {m.kind} x{m.count}, max_batch_size "
+                  f"{m.max_batch_size})")
+    print(f"validated: every config.pbtxt parsed into Triton's ModelConfig; every model file loaded with matching "
+          f"inputs and outputs\nfallback order and budgets: {done.path}/qdeploy_fallback.json and README.md")
+    return 0
+
+
 def _threads(text: str) -> int:
     try:
         n = int(text)
@@ -313,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val", help="validation data (labels under 'y' for top-1 accuracy)")
     d.add_argument("--output", "-o", default="bundle", help="bundle folder (default: bundle)")
     d.add_argument("--per-layer", action="store_true", help="add per-layer sensitivity to the report")
+    d.add_argument("--objective", choices=("latency", "size", "accuracy"), default="latency",
+                   help="which verified configuration each backend keeps among those that meet the budget: the "
+                   "fastest (default), the smallest or the most accurate")
     d.add_argument("--threads", type=_threads, help="intra-op threads of every runner while verifying and timing "
                    "(default: the profile's, else 1); the bundle records it and `serve` uses it")
     d.set_defaults(func=cmd_deploy)
@@ -374,6 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept NaN/Infinity in request inputs (refused with 400 by default)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="export a bundle for a serving system: triton (a Triton Inference Server "
+                        "model repository)")
+    ex_sub = ex.add_subparsers(dest="format", required=True)
+    et = ex_sub.add_parser("triton", help="write a Triton model repository: each servable artifact a model, the FP32 "
+                           "reference last, the fallback order and budgets for the operator; validated before it is "
+                           "moved into place")
+    et.add_argument("bundle")
+    et.add_argument("--output", "-o", required=True, help="repository folder to write (must be new or empty)")
+    et.add_argument("--name", help="model name prefix (default: the bundle folder's name)")
+    et.add_argument("--max-batch-size", type=int, help="largest batch of Triton's dynamic batcher (default: the batch "
+                    "the bundle's latencies were measured at; 0: no batching)")
+    et.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
+    et.add_argument("--force", action="store_true", help="replace -o if it holds a previous qdeploy export")
+    et.set_defaults(func=cmd_export)
     return p
 
 

@@ -203,6 +203,39 @@ class Trial:
     metrics: dict[str, dict[str, float]]
     budget: Any  # verify.BudgetResult
     outputs: dict[str, np.ndarray]
+    latency_vs_fp32: float | None = None  # a short side-by-side timing against the reference (None: simulated)
+    size_bytes: int = 0
+
+    def point(self, index: int, ladder0: str) -> dict[str, Any]:
+        """This trial as a point of the accuracy-latency-size front."""
+        return {"trial": index, "metric": self.budget.metric, "value": self.budget.value,
+                "passed": self.budget.passed, "latency_vs_fp32": self.latency_vs_fp32, "size_bytes": self.size_bytes,
+                "precision": self.artifact.precision,
+                "promoted": sorted(n for n, p in self.artifact.layer_precisions.items() if p != ladder0)}
+
+
+OBJECTIVES = ("latency", "size", "accuracy")
+
+
+def choose(trials: list[Trial], objective: str = "latency") -> Trial:
+    """The point of the front to keep: among trials that met the budget, the fastest (``latency``; the fewest
+    promotions where no latency was measured), the smallest (``size``) or the most accurate (``accuracy``);
+    when none met it, the most accurate."""
+    passing = [t for t in trials if t.budget.passed]
+
+    def accuracy(t: Trial) -> float:
+        return t.budget.value if _higher(t.budget.metric) else -t.budget.value
+
+    def promoted(t: Trial) -> int:
+        return sum(1 for p in t.artifact.layer_precisions.values() if p not in QUANTIZED)
+
+    if not passing:
+        return max(trials, key=accuracy)
+    if objective == "size":
+        return min(passing, key=lambda t: (t.size_bytes, -accuracy(t)))
+    if objective == "accuracy":
+        return max(passing, key=accuracy)
+    return max(passing, key=lambda t: (t.latency_vs_fp32 or 0.0, -promoted(t), accuracy(t)))
 
 
 Score = tuple[float, float]
@@ -233,7 +266,8 @@ STALL_VERIFICATIONS = 3
 def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], int], Trial],
                   layer_precisions: dict[str, str], pinned: set[str],
                   score: Callable[[list[str]], dict[str, Score]], events: Events,
-                  helps: Callable[[str, str, str], tuple[bool, str]] | None = None) -> tuple[Trial, list[Trial]]:
+                  helps: Callable[[str, str, str], tuple[bool, str]] | None = None,
+                  objective: str = "latency") -> tuple[Trial, list[Trial]]:
     """Build and verify; while the budget fails, search the set of layers to promote (a search, not a walk).
 
     Layers are ordered by predicted gain per cost (:func:`promotion_order`, from the simulated sensitivity).
@@ -241,8 +275,9 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
     quarters, seven eighths, ... until a build passes; then bisect the prefix back down between the largest
     failing and the smallest passing set, so promotions that were not needed are undone. Every verification
     counts against ``max_trials`` (full verifications, not loop iterations) and ``time_budget_s``; a rung stops
-    after :data:`STALL_VERIFICATIONS` growing sets in a row that did not move the metric. Returns the passing
-    trial with the fewest promotions, else the closest trial, and all trials.
+    after :data:`STALL_VERIFICATIONS` growing sets in a row that did not move the metric. Returns the trial
+    :func:`choose` picks for ``objective`` among those that passed (else the closest), and all trials: the
+    verified points of the accuracy-latency-size front.
 
     ``helps(layer, from, to)`` judges a step between two quantized types (INT8 -> FP8 is not always a step up:
     E4M3 has 3 mantissa bits); a layer it rejects skips that rung, and the event says why."""
@@ -351,7 +386,7 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
         if passing is not None or stop_reason:
             break
     if passing is not None:
-        return passing[1], trials
+        return choose(trials, objective), trials
     best = max(trials, key=better)
     b = best.budget
     last = trials[-1].budget

@@ -16,7 +16,7 @@ from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
 from .calibration import ActivationRanges, check_label_range, collect_ranges, open_data, unranged_layers
 from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, QDeployError, StrictPolicyError
-from .fallback import (Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions,
+from .fallback import (OBJECTIVES, Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions,
                        resolve, summarize_precision)
 from .model import ModelHandle, load_model, random_inputs
 from .plugins import Registry, get_registry
@@ -154,10 +154,11 @@ def sensitivity(model: Any, target: str | Profile | None = None, spec: Any = Non
 def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, calib: Any = None, val: Any = None,
            output: str | Path = "bundle", input_shape: Any = None, backends: list[str] | None = None,
            policy: str | None = None, per_layer: bool = False, echo: Echo | None = None,
-           progress: Progress | None = None, threads: int | None = None) -> Bundle:
+           progress: Progress | None = None, threads: int | None = None, objective: str = "latency") -> Bundle:
     """Deploy ``model`` to ``target``: build, verify and fall back per the spec; write the bundle to ``output``.
 
-    ``threads``: intra-op threads of every runner (verification and the side-by-side latency); default the
+    ``objective`` (latency | size | accuracy) picks, among the verified configurations that met the budget, the
+    one each entry keeps. ``threads``: intra-op threads of every runner (verification and the side-by-side latency); default the
     profile's ``threads``, else 1. Raises :class:`~qdeploy.errors.BudgetNotMet` under the ``strict`` policy when
     the budget is not met, and another :class:`~qdeploy.errors.QDeployError` for bad input; nothing is left at
     ``output`` then.
@@ -166,12 +167,14 @@ def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, ca
     spec = _with_policy(load_spec(spec), policy)
     profile = resolve_profile(target, registry)
     n_threads = resolve_threads(threads, profile)
+    if objective not in OBJECTIVES:
+        raise DataError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     output = Path(output)
     staging = prepare_output(output)
     work = Path(tempfile.mkdtemp(prefix="qdeploy-work-"))
     try:
         manifest = _deploy(registry, model, profile, spec, calib, val, staging, work, input_shape, backends,
-                           per_layer, echo or _log_echo, progress, n_threads)
+                           per_layer, echo or _log_echo, progress, n_threads, objective)
         commit(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,7 +242,7 @@ def _record_translation(res: Resolution, asked: dict[str, str], plan: Any, seen:
 
 def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpec, calib: Any, val: Any,
             staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
-            progress: Progress | None, threads: int) -> dict[str, Any]:
+            progress: Progress | None, threads: int, objective: str = "latency") -> dict[str, Any]:
     model = load_model(model_src, staging / "reference.onnx", input_shape)
     for text in model.notes:
         echo(f"model: {text}")
@@ -277,6 +280,14 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
 
     events = Events(echo, registry.emit, warn=spec.fallback.policy == "warn")
     range_cache: dict[tuple, ActivationRanges] = {}
+    timers: list[OrtRunner] = []
+
+    def timer() -> OrtRunner:
+        """The FP32 reference each trial is timed against (one session for the whole deploy)."""
+        if not timers:
+            timers.append(OrtRunner(model.onnx_path, threads=threads))
+        return timers[0]
+
 
     def ranges_for(s: QuantSpec) -> ActivationRanges | None:
         if not _needs_ranges(s, model):
@@ -322,6 +333,9 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                 stage = "run"
                 try:
                     outs = run_all(runner, val_x)
+                    speed = None if runner.simulated else side_by_side(
+                        {"ref": timer(), "art": runner}, val_x, rounds=10, budget_s=1.0, reference="ref",
+                        warmup=1)["art"].vs_reference
                 finally:
                     runner.close()
             except QDeployError:
@@ -335,7 +349,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                 progress(f"verify {label}", i + 1, i + 1)
             echo(f"{label}: trial {i}: {summarize_precision(art.layer_precisions)}: {budget.describe()} -> "
                  f"{'pass' if budget.passed else 'below budget'}")
-            return Trial(art, metrics, budget, outs)
+            return Trial(art, metrics, budget, outs, speed, path_size(art.path))
 
         def score(names: list[str]) -> dict[str, tuple[float, float]]:
             """Each layer's predicted output noise when quantized (from its simulated SQNR alone) and the cost
@@ -365,7 +379,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                                   f"{here:.1f} dB in {old}")
 
         try:
-            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, score, events, helps)
+            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, score, events, helps, objective)
         except BackendError as exc:
             events.emit(exc.code, label, str(exc))
             if rspec.fallback.policy == "strict":
@@ -379,7 +393,9 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             break
         if per_layer and not sensitivity and res.ladder[0] in QUANTIZED:
             score([n for n, p in best.artifact.layer_precisions.items() if p == res.ladder[0]])
-        built.append(_record(res, best, len(trials), sensitivity, staging))
+        built.append(_record(res, best, trials, sensitivity, staging, objective))
+    for t in timers:
+        t.close()
     if strict_failure:
         raise BudgetNotMet(f"accuracy budget not met and policy is strict: {strict_failure}")
     if not built:
@@ -486,8 +502,8 @@ def _chain_reason(art: dict[str, Any], i: int, chain: list[dict[str, Any]]) -> s
             + ("the fastest" if not faster else f"after {', '.join(faster)} (faster)"))
 
 
-def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str, float],
-            staging: Path) -> dict[str, Any]:
+def _record(res: Resolution, trial: Trial, trials: list[Trial], sensitivity: dict[str, float],
+            staging: Path, objective: str) -> dict[str, Any]:
     art = trial.artifact
     precision = summarize_precision(art.layer_precisions) if art.layer_precisions else art.precision
     ident = f"{res.target.label.replace(':', '-')}-{precision.replace('mixed ', 'mixed-').replace('/', '-')}"
@@ -500,4 +516,8 @@ def _record(res: Resolution, trial: Trial, n_trials: int, sensitivity: dict[str,
             "verified_on": res.caps.verified_on, "metrics": trial.metrics[trial.budget.output],
             "metrics_per_output": trial.metrics, "budget": trial.budget.as_dict(),
             "layer_precisions": art.layer_precisions, "spec": res.spec.to_dict(), "meta": art.meta,
-            "trials": n_trials, "sensitivity": sensitivity, "_outputs": trial.outputs}
+            "trials": len(trials), "sensitivity": sensitivity, "_outputs": trial.outputs,
+            "front": {"objective": objective, "chosen": trials.index(trial),
+                      "points": [t.point(i, res.ladder[0]) for i, t in enumerate(trials)],
+                      "note": "every verified configuration of this entry; latency_vs_fp32 from a short "
+                              "side-by-side timing per trial (the artifact's own figure comes from the final one)"}}

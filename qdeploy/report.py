@@ -102,6 +102,16 @@ def markdown_report(manifest: dict[str, Any]) -> str:
                       + ("; the others:" if odd else "")]
         if odd:
             lines += ["", "| layer | precision |", "|---|---|"] + [f"| {k} | {v} |" for k, v in odd.items()]
+        front = art.get("front") or {}
+        if len(front.get("points", [])) > 1:
+            lines += ["", f"Verified configurations (objective `{front.get('objective')}`; the kept one is marked):",
+                      "", "| trial | metric | budget | vs fp32 (speed) | size | promoted layers |", "|---|---|---|---|---|---|"]
+            for p in front["points"]:
+                mark = " **kept**" if p["trial"] == front.get("chosen") else ""
+                speed = f"{p['latency_vs_fp32']:.2f}x" if p.get("latency_vs_fp32") else "n/a"
+                lines.append(f"| {p['trial']}{mark} | {p['metric']} {p['value']:.4f} | "
+                             f"{'pass' if p['passed'] else 'below'} | {speed} | {_fmt_size(p['size_bytes'])} | "
+                             f"{len(p['promoted'])} |")
         if art.get("sensitivity"):
             lines += ["", "Per-layer sensitivity (SQNR in dB of the output with only that layer quantized; lower "
                       "loses more):", "", "| layer | sqnr_db |", "|---|---|"]

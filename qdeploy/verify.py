@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -192,3 +193,153 @@ def side_by_side(runners: Mapping[str, Runner], inputs: Mapping[str, np.ndarray]
         out[k] = Timing(float(np.median(arr)), float(np.percentile(arr, 25)), float(np.percentile(arr, 75)),
                         len(v), ratio)
     return out
+
+
+# --- the one verification path: the FP32 reference run, then each artifact judged against it -------------------
+@dataclass(frozen=True)
+class Reference:
+    """The FP32 reference run on the verification data: what every artifact is compared with.
+
+    ``outputs`` and ``metrics`` are per model output (``metrics``: the reference's own value of each metric, its
+    accuracy and the identity value of each comparison, what a relative budget subtracts from); ``extra`` are the
+    plugin metrics computed for the reference and every artifact alike; ``source`` says where the data came from."""
+
+    inputs: Mapping[str, np.ndarray] = field(repr=False)
+    labels: np.ndarray | None = field(repr=False)
+    outputs: Mapping[str, np.ndarray] = field(repr=False)
+    metrics: Mapping[str, Mapping[str, float]]
+    extra: Mapping[str, Callable[..., float]] = field(default_factory=dict, repr=False)
+    source: str = ""
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+def run_reference(reference_path: str | Path, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None = None,
+                  *, threads: int = 0, extra: Mapping[str, Callable[..., float]] | None = None,
+                  label_output: str | None = None, source: str = "validation data") -> Reference:
+    """Run the FP32 reference ONNX on ``inputs`` (onnxruntime, ``threads`` intra-op threads) and compute its own
+    metrics per output. ``labels`` must index the classes of ``label_output`` (default: the first output) when
+    that output is a classifier: a DataError names the data otherwise."""
+    from .backend import OrtRunner
+
+    runner = OrtRunner(reference_path, threads=threads)
+    try:
+        outputs = run_all(runner, inputs)
+    finally:
+        runner.close()
+    label_output = label_output or next(iter(outputs))
+    if labels is not None and is_classifier(outputs[label_output]):  # labels index its classes
+        from .calibration import check_label_range
+
+        check_label_range(labels, int(outputs[label_output].shape[-1]), source)
+    extra = dict(extra or {})
+    metrics = {o: output_metrics(v, v, labels, extra) for o, v in outputs.items()}
+    return Reference(dict(inputs), labels, outputs, metrics, extra, source)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an artifact was verified with, kept beside it (a bundle's warm-up samples): the first samples'
+    ``inputs``, the artifact's ``outputs`` on them and the ``budget`` verdict of that verification. It decides a
+    budget on a label metric when the data at hand has no labels (see :func:`verify_artifact`)."""
+
+    inputs: Mapping[str, np.ndarray] = field(repr=False)
+    outputs: Mapping[str, np.ndarray] = field(repr=False)
+    budget: BudgetResult
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify_artifact` found for one artifact.
+
+    ``metrics`` per output; ``budget`` the verdict on the budget output; ``verified_on`` where it ran:
+    ``{"kind": "runtime" | "gpu" | "simulated", "runtime": ..., "device": ..., ...}``; ``outputs`` the artifact's
+    outputs on every sample (a bundle keeps the first as warm-up samples). ``basis`` is ``"measured"`` (the budget
+    metric measured here) or ``"recorded"`` (a label metric without labels: the outputs matched the recorded ones
+    within the warm-up tolerance, and the budget verdict is the recorded one; ``detail`` says so)."""
+
+    metrics: Mapping[str, Mapping[str, float]]
+    budget: BudgetResult
+    verified_on: Mapping[str, Any]
+    outputs: Mapping[str, np.ndarray] = field(repr=False)
+    samples: int
+    source: str = ""
+    basis: str = "measured"
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.budget.passed
+
+    def describe(self) -> str:
+        return self.detail or self.budget.describe()
+
+    def as_record(self) -> dict[str, Any]:
+        """The fields of a manifest's artifact record that this verification owns: ``verified_on`` (the kind),
+        ``verification`` (where it ran, on how many samples of what, on which basis), ``metrics`` (of the
+        budget output), ``metrics_per_output`` and ``budget``."""
+        where = {**self.verified_on, "samples": self.samples, "source": self.source, "basis": self.basis}
+        if self.detail:
+            where["detail"] = self.detail
+        return {"verified_on": self.verified_on["kind"], "verification": where,
+                "metrics": dict(self.metrics[self.budget.output]),
+                "metrics_per_output": {o: dict(m) for o, m in self.metrics.items()}, "budget": self.budget.as_dict()}
+
+
+def verify_artifact(runner: Runner, reference: Reference, budget: Budget, output: str | None = None,
+                    where: Mapping[str, Any] | None = None, recorded: Recorded | None = None) -> Verification:
+    """Run ``runner`` on the reference's inputs, compute every metric of every output against the reference's
+    outputs and check ``budget`` on ``output`` (default: ``budget.output``, else the first output).
+
+    ``where`` describes where the runner runs (``kind``, ``runtime``, ``device``, ...); ``kind`` defaults to
+    ``runtime``, and a runner that says it is ``simulated`` is verified ``simulated``, whatever ``where`` claims.
+
+    One rule for unlabelled data: when the budget metric cannot be computed here (a label metric, no labels) and
+    ``recorded`` holds outputs of the same inputs, the artifact passes when its outputs match the recorded ones
+    within the warm-up tolerance of ``qdeploy serve`` (:func:`recorded_gap`) and its recorded verdict passed;
+    the budget keeps the recorded value, and ``basis`` says ``recorded``. Otherwise a DataError names what is
+    missing."""
+    names = list(reference.outputs)
+    output = output or budget_output(budget, names)
+    outputs = run_all(runner, reference.inputs)
+    missing = [o for o in names if o not in outputs]
+    if missing:
+        raise DataError(f"the artifact gives no output {missing}; the reference gives {names}")
+    metrics = {o: output_metrics(reference.outputs[o], outputs[o], reference.labels, reference.extra) for o in names}
+    place = {"kind": "runtime", **(where or {})}
+    if getattr(runner, "simulated", False):
+        place["kind"] = "simulated"
+    gap = None
+    if budget.metric not in metrics[output] and reference.labels is None and recorded is not None:
+        gap = _recorded_gap(reference, outputs[output], recorded, output)
+    if gap is None or recorded is None:  # measured here (check_budget names what is missing when it cannot be)
+        result = check_budget(budget, metrics[output], reference.metrics[output], output)
+        return Verification(metrics, result, place, outputs, reference.samples, reference.source)
+    err, tol = gap
+    was = recorded.budget
+    matches = err <= tol
+    detail = (f"outputs {'match' if matches else 'differ from'} the verified ones {'within' if matches else 'by'} "
+              f"{err:.3g} (tolerance {tol:.3g}); {budget.metric} needs labels to be re-measured: as verified, "
+              f"{was.describe()}")
+    if matches and not was.passed:
+        detail += "; it missed its budget then: kept as the best found"
+    result = BudgetResult(matches and was.passed, was.metric, was.value, was.budget, was.mode, was.threshold, output)
+    return Verification(metrics, result, place, outputs, reference.samples, reference.source, "recorded", detail)
+
+
+def _recorded_gap(reference: Reference, got: np.ndarray, recorded: Recorded, output: str) -> tuple[float, float] | None:
+    """``(max abs difference, tolerance)`` of ``got`` against the recorded outputs, when they were recorded on
+    the first samples of these very inputs; None when they were not (nothing to compare)."""
+    want = recorded.outputs.get(output)
+    if want is None or not len(want) or len(want) > len(got):
+        return None
+    k = len(want)
+    for name, x in reference.inputs.items():
+        rec = recorded.inputs.get(name)
+        if rec is None or np.shape(rec) != np.shape(x[:k]) or not np.array_equal(rec, x[:k]):
+            return None
+    if np.shape(want) != np.shape(got[:k]):
+        return None
+    return recorded_gap(got[:k], want)

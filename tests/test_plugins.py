@@ -198,3 +198,21 @@ def test_every_plugin_disabled_still_deploys_through_the_reference_backend(tmp_p
     (art,) = manifest["artifacts"]
     assert art["backend"] == "reference" and art["precision"] == "int8" and art["verified_on"] == "simulated"
     assert art["budget"]["passed"]
+
+
+def test_tflite_artifacts_say_where_they_were_verified():
+    """Edge TPU and NNAPI artifacts are verified on LiteRT's CPU kernels (XNNPACK), not on the accelerator: the
+    artifact's meta says which runtime and device ran it, and which device it is meant for."""
+    tflite = pytest.importorskip("qdeploy_tflite")
+    if tflite.interpreter_class()[0] is None:
+        pytest.skip(f"no LiteRT interpreter here: {tflite.interpreter_class()[2]}")
+    reg = get_registry()
+    runtime = {"ai-edge-litert": "litert"}.get(tflite.interpreter_class()[1], tflite.interpreter_class()[1])
+    seen = {}
+    for profile in ("edge-tpu", "android-nnapi", "x86-avx2"):
+        (target,) = [t for t in reg.profile(profile).backends if t.backend == "tflite"]
+        seen[profile] = tflite.verified_on(target)
+    assert seen["edge-tpu"]["target_device"] == "edge-tpu" and seen["android-nnapi"]["target_device"] == "nnapi"
+    for profile, where in seen.items():
+        assert where["runtime"] == runtime and where["device"] == "cpu-xnnpack", (profile, where)
+    assert "not on the edge-tpu" in seen["edge-tpu"]["note"] and "note" not in seen["x86-avx2"]

@@ -588,3 +588,181 @@ def test_engine_build_with_precision_constraints(residual, tmp_path):
     runner = backend.runner(art.path, art.meta)
     assert not runner.simulated
     assert runner.infer({"x": x[:8]})["y"].shape == (8, 5)
+
+
+# --- build-engine's control flow, TensorRT and the GPU stubbed (only inside these tests) ------------------------
+STUB_GPU = "Stub GPU (sm_75)"
+
+
+def _stub_engine_runner(plan: Path, change):
+    """Stands in for a TensorRT engine on the GPU: the artifact's own Q/DQ graph (its simulation), outputs passed
+    through ``change`` -- what a GPU whose kernels differ from the simulation would give. Not ``simulated``."""
+    from qdeploy.backend import Runner
+
+    config = json.loads((Path(plan).parent / "build_config.json").read_text())
+    sim = TensorRTBackend().runner(Path(plan).parent, {"onnx": config["onnx"],
+                                                       "precision_constraints": config["precision_constraints"]})
+
+    class StubEngine(Runner):
+        input_names, output_names, max_batch = sim.input_names, sim.output_names, sim.max_batch
+
+        def infer_impl(self, feed):
+            return {k: change(v) for k, v in sim.infer_impl(feed).items()}
+
+        def close(self):
+            sim.close()
+
+    return StubEngine()
+
+
+@pytest.fixture
+def stub_gpu(monkeypatch):
+    """``tensorrt_status`` says TensorRT and a GPU are here, ``build_engine`` writes a placeholder engine.plan,
+    ``TrtRunner`` is :func:`_stub_engine_runner` with ``stub["change"]`` (identity unless a test sets it)."""
+    from qdeploy_tensorrt import engine
+
+    stub = {"change": lambda y: y, "built": []}
+
+    def build(folder, config):
+        if stub.get("fail"):
+            (folder / engine.ENGINE).write_bytes(b"half-written")
+            raise BackendError("stub builder failed", "BUILD_FAILED")
+        (folder / engine.ENGINE).write_bytes(b"stub engine of " + config["onnx"].encode())
+        stub["built"].append(folder)
+        return {"engine": engine.ENGINE, "tensorrt_version": "10.0-stub", "gpu": STUB_GPU,
+                "timing_cache": engine.TIMING_CACHE, "constrained_layers": {}}
+
+    monkeypatch.setattr(engine, "tensorrt_status", lambda: (True, "", "10.0-stub", STUB_GPU))
+    monkeypatch.setattr(engine, "build_engine", build)
+    monkeypatch.setattr(engine, "TrtRunner", lambda plan: _stub_engine_runner(plan, lambda y: stub["change"](y)))
+    return stub
+
+
+@pytest.fixture
+def t4_copy(digits_bundle, tmp_path):
+    import shutil
+
+    from qdeploy.bundle import Bundle
+
+    shutil.copytree(digits_bundle.path, tmp_path / "bundle")
+    return Bundle.load(tmp_path / "bundle")
+
+
+def _engine_outputs(bundle, art, x, change):
+    sim = TensorRTBackend().runner(bundle.path / art["path"], art["meta"])
+    try:
+        return {k: change(v) for k, v in sim.infer(x).items()}
+    finally:
+        sim.close()
+
+
+def test_build_engine_records_what_the_gpu_verified(stub_gpu, t4_copy, capsys):
+    """The engine is re-verified on the GPU runtime: metrics, budget, where and the warm-up outputs in
+    samples.npz are the GPU's, not the simulation's."""
+    from qdeploy.backend import OrtRunner
+    from qdeploy.bundle import Bundle
+    from qdeploy.cli import main
+    from qdeploy.verify import check_budget, output_metrics
+
+    before = t4_copy.manifest
+    old = next(a for a in before["artifacts"] if a["backend"] == "tensorrt")
+    val = before["validation"]["source"]
+    stub_gpu["change"] = lambda y: y + np.float32(0.01)  # a GPU whose numbers differ a little from the simulation
+    assert main(["build-engine", str(t4_copy.path), "--val", val]) == 0
+    b = Bundle.load(t4_copy.path)  # integrity map rewritten, engine.plan included
+    art = b.artifact(old["id"])
+    assert (b.path / art["path"] / "engine.plan").is_file() and stub_gpu["built"]
+    assert art["verified_on"] == "gpu"
+    assert art["verification"] | {"samples": 0} == {"kind": "gpu", "runtime": "tensorrt 10.0-stub", "device": STUB_GPU,
+                                                    "samples": 0, "source": f"validation data {val}",
+                                                    "basis": "measured"}
+
+    data = np.load(val)
+    x, y = {"input": data["input"]}, data["y"]
+    out = b.budget_output
+    ref = OrtRunner(b.reference_path).infer(x)[out]
+    got = _engine_outputs(b, art, x, stub_gpu["change"])[out]
+    want = output_metrics(ref, got, y)
+    assert art["verification"]["samples"] == len(y)
+    assert art["metrics"] == pytest.approx(want) and art["metrics_per_output"][out] == pytest.approx(want)
+    assert art["metrics"]["max_abs"] != pytest.approx(old["metrics"]["max_abs"])  # not the simulation's
+    assert art["budget"] == pytest.approx(check_budget(b.budget, want, output_metrics(ref, ref, y), out).as_dict())
+    assert art["budget"]["passed"]
+    stored = b.stored_inputs()
+    np.testing.assert_allclose(b.samples()[f"{art['id']}:{out}"],
+                               _engine_outputs(b, art, stored, stub_gpu["change"])[out], rtol=1e-6, atol=1e-6)
+    assert art["engine"]["tensorrt_version"] == "10.0-stub" and art["meta"]["engine"] == "engine.plan"
+    row = next(line for line in (b.path / "report.md").read_text().splitlines() if line.startswith(f"| {art['id']}"))
+    assert "| gpu |" in row
+
+
+def test_build_engine_records_an_engine_that_misses_the_budget(stub_gpu, t4_copy):
+    """A failing engine is not passed off: budget.passed false, an ACCURACY_BELOW_BUDGET event with the metric,
+    its warm-up outputs the failing ones, and the serving chain puts it after the artifact that met its budget."""
+    from qdeploy.bundle import Bundle
+    from qdeploy.cli import main
+
+    val = t4_copy.manifest["validation"]["source"]
+    old = next(a for a in t4_copy.artifacts if a["backend"] == "tensorrt")
+    assert old["budget"]["passed"] and t4_copy.artifacts[0]["id"] == old["id"]
+    stub_gpu["change"] = lambda y: np.roll(y, 1, axis=-1)  # every class score one class off
+    assert main(["build-engine", str(t4_copy.path), "--val", val]) == 1
+    b = Bundle.load(t4_copy.path)
+    art = b.artifact(old["id"])
+    assert art["verified_on"] == "gpu" and not art["budget"]["passed"]
+    assert art["budget"]["value"] == art["metrics"]["top1_accuracy"] < old["budget"]["value"] - 0.5
+    [ev] = [e for e in b.manifest["events"] if e["code"] == "ACCURACY_BELOW_BUDGET"]
+    assert ev["metric"] == "top1_accuracy" and ev["artifact"] == art["id"] and ev["value"] == art["budget"]["value"]
+    assert [a["backend"] for a in b.artifacts] == ["onnxruntime", "tensorrt"]
+    assert "missed its accuracy budget on the GPU" in art["chain_reason"]
+    out = b.budget_output
+    np.testing.assert_allclose(b.samples()[f"{art['id']}:{out}"],
+                               _engine_outputs(b, art, b.stored_inputs(), stub_gpu["change"])[out], rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_build_engine_without_labels_compares_with_the_recorded_outputs(stub_gpu, t4_copy, capsys):
+    """On the stored samples (no labels) a top1_accuracy budget cannot be measured: the one rule of
+    verify_artifact holds the engine to the outputs recorded when it was verified, and says so."""
+    from qdeploy.bundle import Bundle
+    from qdeploy.cli import main
+
+    old = next(a for a in t4_copy.artifacts if a["backend"] == "tensorrt")
+    assert main(["build-engine", str(t4_copy.path)]) == 0  # the engine gives what the simulation gave
+    art = Bundle.load(t4_copy.path).artifact(old["id"])
+    assert art["verification"]["basis"] == "recorded" and "needs labels" in art["verification"]["detail"]
+    assert art["budget"]["passed"] and art["budget"]["value"] == old["budget"]["value"]
+    assert "top1_accuracy" not in art["metrics"] and art["metrics"]["top1_agreement"] == 1.0
+    assert art["verification"]["samples"] == len(next(iter(t4_copy.stored_inputs().values())))
+
+    rng = np.random.default_rng(0)
+    stub_gpu["change"] = lambda y: y + rng.normal(0, 5, y.shape).astype(y.dtype)
+    assert main(["build-engine", str(t4_copy.path)]) == 1
+    art = Bundle.load(t4_copy.path).artifact(old["id"])
+    assert not art["budget"]["passed"] and "differ from the verified ones" in art["verification"]["detail"]
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_a_failed_engine_build_leaves_the_bundle_as_it_was(stub_gpu, t4_copy):
+    from qdeploy.bundle import Bundle
+    from qdeploy.cli import main
+
+    before = (t4_copy.path / "manifest.json").read_text()
+    stub_gpu["fail"] = True
+    assert main(["build-engine", str(t4_copy.path)]) == 2
+    Bundle.load(t4_copy.path)  # every sha256 still holds: the half-written engine is gone
+    assert (t4_copy.path / "manifest.json").read_text() == before
+    assert not list(t4_copy.path.rglob("engine.plan"))
+
+
+def test_a_simulated_runner_is_verified_simulated_whatever_it_is_called(t4_copy):
+    from qdeploy.verify import verify_artifact
+
+    art = next(a for a in t4_copy.artifacts if a["backend"] == "tensorrt")
+    runner = t4_copy.runner(art["id"])
+    assert runner.simulated
+    x, y, source = t4_copy.verification_data(t4_copy.manifest["validation"]["source"])
+    found = verify_artifact(runner, t4_copy.reference_run(x, y, source=source), t4_copy.budget,
+                            where={"kind": "gpu", "device": "none"})
+    assert found.verified_on == {"kind": "simulated", "device": "none"}
+    assert found.as_record()["metrics"] == pytest.approx(art["metrics"])  # the deploy's numbers, one path

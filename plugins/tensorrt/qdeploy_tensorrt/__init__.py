@@ -20,9 +20,8 @@ from typing import Any
 
 import pluggy
 
-from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, Runner
+from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, Runner, ort_disabled_optimizers
 from qdeploy.errors import BackendError
-from qdeploy.simulate import ORT_FP8_DISABLED_OPTIMIZERS, has_fp8_qdq
 from qdeploy.spec import PRECISIONS, PerGroup, summarize_precision
 
 from .engine import (BUILD_CONFIG, BUILD_SCRIPT, BUILDER_FLAGS, DEFAULT_WORKSPACE_MB, ENGINE, TRTEXEC, MIN_CC,
@@ -211,8 +210,7 @@ class SimulatedRunner(OrtRunner):
 
         rounded = [c for c in constraints if c["precision"] in ("fp16", "bf16")]
         proto = onnx.load(str(path))
-        # FP8 pairs: keep onnxruntime from rewrites that are wrong for them (see qdeploy.simulate)
-        disabled = ORT_FP8_DISABLED_OPTIMIZERS if has_fp8_qdq(proto) else ()
+        disabled = ort_disabled_optimizers(proto)  # FP8 pairs: no onnxruntime rewrite that is wrong for them
         if not rounded:
             super().__init__(path, disabled_optimizers=disabled, basic_only=True)
             return

@@ -1,10 +1,14 @@
-"""``qdeploy build-engine BUNDLE``: build a bundle's TensorRT engine(s) on this GPU, verify them with TensorRT
-against the FP32 reference, and rewrite the manifest (integrity map included)."""
+"""``qdeploy build-engine BUNDLE``: build a bundle's TensorRT engine(s) on this GPU, re-verify each engine with
+TensorRT against the FP32 reference through the core's one verification path, and replace what the bundle
+records of the artifact (metrics, budget verdict, where it was verified, its warm-up outputs) with what the GPU
+gave. An engine that misses the budget is recorded as missing it (an ``ACCURACY_BELOW_BUDGET`` event, and the
+serving chain puts it after every artifact that met its budget); the command then exits 1."""
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,73 +26,82 @@ def add_build_engine(subparsers: Any) -> None:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from qdeploy.bundle import Bundle, path_sha256, path_size, write_manifest
-    from qdeploy.spec import QuantSpec
-    from qdeploy.verify import check_budget, output_metrics, run_all
+    import json
 
-    from .engine import BUILD_CONFIG, ENGINE, TrtRunner, build_engine, tensorrt_status
+    from qdeploy.backend import load_bundle, verify_artifact
 
-    bundle = Bundle.load(args.bundle)
+    from . import engine
+
+    bundle = load_bundle(args.bundle)
     m = bundle.manifest
-    arts = [a for a in m["artifacts"] if a["backend"] == "tensorrt" and args.artifact in (None, a["id"])]
-    if not arts:
+    ids = [a["id"] for a in m["artifacts"] if a["backend"] == "tensorrt" and args.artifact in (None, a["id"])]
+    if not ids:
         have = ", ".join(a["id"] for a in m["artifacts"] if a["backend"] == "tensorrt") or "none"
         raise BundleError(f"bundle {args.bundle} has no TensorRT artifact {args.artifact or ''}".rstrip() +
                           f" (TensorRT artifacts: {have}); deploy to an nvidia-* target first")
     if args.workspace_mb is not None and args.workspace_mb <= 0:
         raise QDeployError(f"--workspace-mb {args.workspace_mb} must be a positive number of MiB")
-    usable, reason, version, gpu = tensorrt_status()
+    usable, reason, version, gpu = engine.tensorrt_status()
     if not usable:
         raise QDeployError(f"build-engine needs TensorRT and an NVIDIA GPU: {reason}; run it on the target GPU "
                            f"with TensorRT installed")
-    x, y = _verification_data(bundle, args.val)
-    out_name = m["budget_output"]
-    ref = run_all(bundle.reference_runner(), x)
-    ref_metrics = output_metrics(ref[out_name], ref[out_name], y)
-    budget = QuantSpec.from_dict(m["spec"]).budget
+    x, y, source = bundle.verification_data(args.val)
+    reference = bundle.reference_run(x, y, source=source)
+    stored = bundle.stored_inputs() if args.val else None  # the warm-up inputs, when not what was verified on
+    where = {"kind": "gpu", "runtime": f"tensorrt {version}", "device": gpu}
     status = 0
-    for art in arts:
+    for art_id in ids:
+        art = bundle.artifact(art_id)
+        recorded = bundle.recorded(art_id)  # what it was verified with until now: the simulation, or an older engine
         folder = bundle.path / art["path"]
-        config = json.loads((folder / BUILD_CONFIG).read_text())
+        config = json.loads((folder / engine.BUILD_CONFIG).read_text())
         if args.workspace_mb:
             config["workspace_mb"] = args.workspace_mb
-        print(f"{art['id']}: building {ENGINE} with TensorRT {version} on {gpu} ...", flush=True)
+        print(f"{art_id}: building {engine.ENGINE} with TensorRT {version} on {gpu} ...", flush=True)
         start = time.monotonic()
-        info = build_engine(folder, config)
-        runner = TrtRunner(folder / ENGINE)
-        out = run_all(runner, x)
-        runner.close()
-        metrics = output_metrics(ref[out_name], out[out_name], y)
-        try:
-            result = check_budget(budget, metrics, ref_metrics, out_name)
-            passed, detail = result.passed, result.describe()
-        except QDeployError:  # a label metric without labels: judge on agreement with the FP32 reference
-            passed = metrics["top1_agreement"] >= art["metrics"].get("top1_agreement", 1.0) - 0.01 \
-                if "top1_agreement" in metrics else metrics["cosine"] >= 0.99
-            detail = f"top1_agreement {metrics.get('top1_agreement', float('nan')):.4f}, cosine {metrics['cosine']:.4f}" \
-                     f" (no labels for {budget.metric})"
-        art["meta"].update(info)
-        art["engine"] = {**info, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "build_s": round(time.monotonic() - start, 1),
-                         "verification": {"samples": len(next(iter(x.values()))), "source": args.val or "stored samples",
-                                          "metrics": metrics, "passed": passed, "detail": detail}}
-        art["verified_on"] = "gpu" if passed else art["verified_on"]
-        art["sha256"], art["size_bytes"] = path_sha256(folder), path_size(folder)
-        if not passed:
+        with _restored_on_failure(folder, (engine.ENGINE, engine.TIMING_CACHE)):  # the bundle stays intact
+            info = engine.build_engine(folder, config)
+            build_s = round(time.monotonic() - start, 1)
+            runner = engine.TrtRunner(folder / engine.ENGINE)
+            try:
+                found = verify_artifact(runner, reference, bundle.budget, bundle.budget_output, where=where,
+                                        recorded=recorded)
+                warm = runner.infer(stored) if stored is not None else found.outputs
+            finally:
+                runner.close()
+        record = {**art, **found.as_record(), "meta": {**art.get("meta", {}), **info},
+                  "engine": {**info, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_s": build_s}}
+        events = []
+        if found.passed and not (art.get("budget") or {}).get("passed", True):
+            record["chain_reason"] = ("met its budget on the GPU (qdeploy build-engine) after missing it when "
+                                      "deployed: served after the artifacts that met it then")
+        if not found.passed:
             status = 1
-        print(f"{art['id']}: {'pass' if passed else 'FAIL'}: {detail} (TensorRT {version}, {gpu})")
-    write_manifest(bundle.path, m)
+            record["chain_reason"] = ("missed its accuracy budget on the GPU (qdeploy build-engine): served only after "
+                                      "every artifact that met it")
+            b = found.budget
+            events.append({"code": "ACCURACY_BELOW_BUDGET", "target": art["target"],
+                           "message": f"{art_id}: the TensorRT engine ({version}, {gpu}) misses the budget: "
+                                      f"{found.describe()}",
+                           "artifact": art_id, "metric": b.metric, "value": b.value, "budget": b.budget,
+                           "verified_on": dict(found.verified_on)})
+        bundle.replace_artifact(record, dict(warm), events)
+        print(f"{art_id}: {'pass' if found.passed else 'FAIL'}: {found.describe()} (TensorRT {version}, {gpu})")
     print(f"manifest updated: {Path(args.bundle) / 'manifest.json'}")
     return status
 
 
-def _verification_data(bundle: Any, val: str | None) -> tuple[dict, Any]:
-    if val:
-        from qdeploy.calibration import open_data
-        from qdeploy.model import ModelHandle, TensorInfo
-
-        inputs = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in bundle.manifest["model"]["inputs"]]
-        handle = ModelHandle(bundle.reference_path, inputs, [], {}, "", "onnx", "")
-        return open_data(val, handle, "validation").arrays()
-    s = bundle.samples()
-    return {k.split(":", 1)[1]: v for k, v in s.items() if k.startswith("input:")}, None
+@contextlib.contextmanager
+def _restored_on_failure(folder: Path, names: tuple[str, ...]) -> Iterator[None]:
+    """Put ``names`` in ``folder`` back as they were if the block raises: a failed build or load leaves the
+    artifact folder matching the manifest's sha256 (the bundle stays loadable)."""
+    before = {n: (folder / n).read_bytes() if (folder / n).is_file() else None for n in names}
+    try:
+        yield
+    except BaseException:
+        for n, data in before.items():
+            if data is None:
+                (folder / n).unlink(missing_ok=True)
+            else:
+                (folder / n).write_bytes(data)
+        raise

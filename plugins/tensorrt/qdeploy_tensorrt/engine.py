@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qdeploy.backend import Runner
+from qdeploy.backend import Runner, gpu_compute_capability
 from qdeploy.errors import BackendError
 
 ENGINE = "engine.plan"
@@ -61,8 +61,6 @@ def tensorrt_status() -> tuple[bool, str, str, str]:
         version = str(trt.__version__)
     except Exception as exc:  # the PyPI placeholder packages raise at import, not only ImportError
         return False, f"tensorrt is not importable here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", "", ""
-    from qdeploy.profiles import gpu_compute_capability
-
     gpu = gpu_compute_capability()
     if gpu is None:
         return False, f"TensorRT {version} is installed but no NVIDIA GPU is visible (nvidia-smi)", version, ""

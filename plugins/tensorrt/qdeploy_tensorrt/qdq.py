@@ -43,10 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from qdeploy.backend import quiet
-from qdeploy.calibration import ActivationRanges
-from qdeploy.simulate import (ensure_opset, fp8_scale, fp8_zero_point, insert_qdq,  # R3: output-channel axis
-                              output_channel_axis)
+from qdeploy.backend import (ensure_opset, fp8_scale, fp8_zero_point, insert_qdq,  # R3: output-channel axis
+                             output_channel_axis, quiet)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -60,6 +58,8 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
     pairs added)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from qdeploy.backend import ActivationRanges
 
     fp8_nodes = list(fp8_nodes)
     int8_only = list(int8_nodes)

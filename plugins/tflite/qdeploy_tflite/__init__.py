@@ -233,6 +233,7 @@ class TFLiteBackend(Backend):
             "converter": f"litert-torch {_version('litert-torch')}", "runtime": interpreter_class()[1],
             "float_ops": sorted({op["name"] for op in float_ops}),
             "float_layers": plan.state["float_modules"],
+            "verified_on": verified_on(plan.target),
         }
         if kind == "static":
             meta["calibration"] = {"method": plan.spec.activations.method, "observer": "qdeploy",
@@ -252,6 +253,26 @@ class TFLiteBackend(Backend):
 
     def runner(self, path: Path, meta: Mapping[str, Any]) -> LiteRTRunner:
         return LiteRTRunner(path, meta)
+
+
+#: The profile's ``delegate`` option -> the device the artifact is meant for.
+TARGET_DEVICES = {"xnnpack": "cpu-xnnpack", "nnapi": "nnapi", "edgetpu": "edge-tpu"}
+RUNTIME_NAMES = {"ai-edge-litert": "litert", "tflite-runtime": "tflite-runtime"}
+
+
+def verified_on(target: Any) -> dict[str, str]:
+    """Where this backend's verification runs, against where the artifact is meant to run: always the LiteRT
+    interpreter (or tflite-runtime) on this host's CPU with XNNPACK, its default delegate; the Edge TPU compiler
+    and the NNAPI delegate never run here. ``target_device`` is the profile's ``delegate``; ``note`` is set when
+    the two differ, so a report can say the numbers are the CPU kernels', not the accelerator's."""
+    runtime = interpreter_class()[1]
+    delegate = str(target.option("delegate", "xnnpack"))
+    where = {"runtime": RUNTIME_NAMES.get(runtime, runtime), "device": "cpu-xnnpack",
+             "target_device": TARGET_DEVICES.get(delegate, delegate)}
+    if where["target_device"] != where["device"]:
+        where["note"] = (f"verified on {runtime}'s CPU kernels (XNNPACK) on this host, not on the "
+                         f"{where['target_device']} (its {delegate} delegate did not run here)")
+    return where
 
 
 def _io_meta(t: dict[str, Any], info: Any) -> dict[str, Any]:

@@ -150,10 +150,10 @@ def observer_class() -> Any:
     import torch
     from torchao.quantization.pt2e.observer import MinMaxObserver
 
-    from qdeploy.calibration import make_observer
+    from qdeploy.backend import make_observer
 
     class QDeployObserver(MinMaxObserver):
-        """Feeds every observed batch to ``qdeploy.calibration.make_observer(act)``; its ``(lo, hi)`` range
+        """Feeds every observed batch to ``qdeploy.backend.make_observer(act)``; its ``(lo, hi)`` range
         becomes this observer's min/max, from which torchao computes scale and zero point."""
 
         def __init__(self, act: Any = None, **kwargs: Any) -> None:

@@ -67,7 +67,7 @@ class TorchBackend(Backend):
                             verified_on="runtime", weight_symmetric_only=True)
 
     def advise(self, model: Any, spec: Any, target: Any) -> list[str]:
-        from qdeploy.profiles import cpu_flags
+        from qdeploy.backend import cpu_flags
 
         notes = []
         engine = target.option("engine", "x86")

@@ -31,15 +31,14 @@ def add_qat_command(subparsers: Any) -> None:
 
 
 def cmd_qat(args: argparse.Namespace) -> int:
+    from qdeploy.backend import load_torch_module, parse_input_shape
     from qdeploy.errors import ModelError
-    from qdeploy.model import _load_factory, _load_pt2, parse_shape
     from qdeploy.spec import load_spec
 
     from .qat import GUIDANCE, convert, prepare, save
 
-    shape = parse_shape(args.input_shape)
-    text = str(args.model)
-    model = _load_pt2(Path(text)) if text.endswith(".pt2") else _load_factory(text)
+    shape = parse_input_shape(args.input_shape)
+    model = load_torch_module(args.model)
     train = _load_factory_fn(args.train)
     calib = _load_calib(args.calib) if args.calib else None
     print(GUIDANCE, file=sys.stderr)

@@ -38,7 +38,7 @@ GUIDANCE = (
 
 
 def _target() -> Any:
-    from qdeploy.profiles import BackendTarget
+    from qdeploy.backend import BackendTarget
 
     return BackendTarget("torch", ("int8", "fp32"), activation_dtype="uint8")
 

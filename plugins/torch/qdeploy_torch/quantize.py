@@ -55,7 +55,7 @@ def _core_observer_class(base: type) -> type:
         def __init__(self, method: str = "percentile", percentile: float = 99.99, momentum: float = 0.9,
                      **kwargs: Any) -> None:
             super().__init__(**kwargs)
-            from qdeploy.calibration import make_observer
+            from qdeploy.backend import make_observer
             from qdeploy.spec import ActivationSpec
 
             self.core = make_observer(ActivationSpec(method=method, percentile=percentile, momentum=momentum))
