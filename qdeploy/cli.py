@@ -28,7 +28,7 @@ class _Bar:
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
-        self.last = 0.0
+        self.last = time.monotonic()
         self.started: dict[str, float] = {}
 
     def __call__(self, what: str, done: int, total: int) -> None:
@@ -37,8 +37,9 @@ class _Bar:
         if done >= total:
             self.started.pop(what, None)
         elapsed = now - start
-        if not self.tty:
-            if done >= total and elapsed >= 2.0:
+        if not self.tty:  # a log line at the end of a step that took a while, and every 15 s during one
+            if (done >= total and elapsed >= 2.0) or (done < total and now - self.last >= 15.0 and elapsed >= 15.0):
+                self.last = now
                 print(f"{what}: {done}/{total} in {elapsed:.1f} s", file=sys.stderr, flush=True)
             return
         if now - self.last < 0.1 and done < total:

@@ -71,6 +71,7 @@ ORT_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tens
              "tensor(int32)": "TYPE_INT32", "tensor(int64)": "TYPE_INT64", "tensor(uint8)": "TYPE_UINT8",
              "tensor(uint16)": "TYPE_UINT16", "tensor(uint32)": "TYPE_UINT32", "tensor(uint64)": "TYPE_UINT64",
              "tensor(bool)": "TYPE_BOOL", "tensor(string)": "TYPE_STRING"}
+ONNX_TYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "DOUBLE": "TYPE_FP64", "BFLOAT16": "TYPE_BF16"}
 TORCH_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
                "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
                "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
@@ -167,6 +168,7 @@ def model_config_pb2() -> Any:
         raise QDeployError(f"the installed tritonclient has no grpc/model_config_pb2.py (Triton's model-config "
                            f"schema); {hint}")
     module_spec = importlib.util.spec_from_file_location(private, path)
+    assert module_spec is not None and module_spec.loader is not None  # a .py file always has both
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
@@ -213,6 +215,9 @@ def export_triton(bundle: str | Path | Bundle, output: str | Path, *, name: str 
         bundle.check_integrity()
     model_config_pb2()  # no schema, no export: fail before any work
     out = Path(output)
+    if out.resolve().is_relative_to(bundle.path.resolve()):
+        raise QDeployError(f"output {out} is inside the bundle {bundle.path}, which lists every file it holds; write "
+                           f"the repository to another -o folder")
     _check_output(out, force)
     prefix = _model_name(name or bundle.path.resolve().name)
     if not prefix:
@@ -279,13 +284,14 @@ def _contract(items: list[dict[str, Any]], what: str, bundle: Bundle) -> list[Te
     for item in items:
         dtype = NUMPY_TYPES.get(str(item.get("dtype", "float32")))
         if dtype is None:
-            raise BundleError(f"bundle {bundle.path}: {what} {item['name']!r} has dtype {item.get('dtype')!r}, which has "
-                              f"no Triton data type")
+            raise BundleError(f"bundle {bundle.path}: {what} {item['name']!r} has dtype {item.get('dtype')!r}, "
+                              f"which has no Triton data type")
         tensors.append(Tensor(item["name"], dtype, tuple(-1 if d is None else int(d) for d in item["shape"])))
     return tensors
 
 
-def _plan(bundle: Bundle, prefix: str, max_batch: int | None, instances: int) -> tuple[list[TritonModel], list[Skipped]]:
+def _plan(bundle: Bundle, prefix: str, max_batch: int | None,
+          instances: int) -> tuple[list[TritonModel], list[Skipped]]:
     m = bundle.manifest
     inputs = _contract(m["model"]["inputs"], "input", bundle)
     outputs = _contract(m["model"]["outputs"], "output", bundle)
@@ -302,6 +308,8 @@ def _plan(bundle: Bundle, prefix: str, max_batch: int | None, instances: int) ->
         if isinstance(routed, str):
             skipped.append(Skipped(art["id"], art["backend"], i, routed))
         else:
+            if routed.name in names:  # two ids that differ only in characters a model name cannot hold
+                routed.name = f"{routed.name}-{i}"
             models.append(routed)
             names.add(routed.name)
     ref_name = f"{prefix}-reference"
@@ -433,8 +441,10 @@ def _config_text(model: TritonModel, bundle: Bundle) -> str:
     for key, tensors in (("input", model.inputs), ("output", model.outputs)):
         lines.append(f"{key} [")
         for j, t in enumerate(tensors):
+            dims = _dims(model, t)
             lines += ["  {", f"    name: {_quote(t.name)}", f"    data_type: {t.dtype}",
-                      f"    dims: [ {', '.join(str(d) for d in _dims(model, t))} ]",
+                      f"    dims: [ {', '.join(str(d) for d in dims)} ]" if dims else
+                      "    dims: [ 1 ]\n    reshape: { shape: [ ] }",  # a scalar per sample: Triton's spelling
                       "  }" + ("," if j < len(tensors) - 1 else "")]
         lines.append("]")
     if model.max_batch_size > 0:
@@ -458,8 +468,10 @@ def _check_model(model: TritonModel, text: str, path: Path, samples: dict[str, n
 
 
 def _declared(cfg: Any, key: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, data type, dims the model sees: ``reshape`` when there is one) of the config's inputs or outputs."""
     dtype_name = model_config_pb2().DataType.Name
-    return [(t.name, dtype_name(t.data_type), tuple(t.dims)) for t in getattr(cfg, key)]
+    return [(t.name, dtype_name(t.data_type), tuple(t.reshape.shape if t.HasField("reshape") else t.dims))
+            for t in getattr(cfg, key)]
 
 
 def _full(cfg: Any, dims: tuple[int, ...]) -> tuple[int, ...]:
@@ -492,16 +504,25 @@ def _check_onnx(cfg: Any, path: Path, samples: dict[str, np.ndarray], model: Tri
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        return f"onnxruntime cannot load {path.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        if model.platform != "tensorrt_plan":
+            return f"onnxruntime cannot load {path.name}: {why}"
+        # a Q/DQ graph onnxruntime's CPU kernels do not take (FP8, say) still names the engine's inputs/outputs
+        io = _onnx_graph_io(path)
+        if isinstance(io, str):
+            return io
+        problem = _compare_io(cfg, io, "the Q/DQ ONNX graph")
+        model.checked = (f"the engine is not loaded here (TensorRT serves it); the Q/DQ ONNX it was built from, read "
+                         f"with onnx (onnxruntime cannot load it: {why}): names, data types and dims match the config")
+        return problem
     loaded = ("the engine is not loaded here (TensorRT serves it); the Q/DQ ONNX it was built from, loaded in "
               "onnxruntime" if model.platform == "tensorrt_plan" else "loaded in onnxruntime")
-    for key, found in (("input", session.get_inputs()), ("output", session.get_outputs())):
-        have = [(t.name, ORT_TYPES.get(t.type, t.type),
+    io = {key: [(t.name, ORT_TYPES.get(t.type, t.type),
                  tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (t.shape or []))) for t in found]
-        want = [(n, dt, _full(cfg, dims)) for n, dt, dims in _declared(cfg, key)]
-        if have != want:
-            return (f"its {key}s in onnxruntime are {_show(have)}, the config declares {_show(want)} (with the "
-                    f"batch dimension as -1)")
+          for key, found in (("input", session.get_inputs()), ("output", session.get_outputs()))}
+    problem = _compare_io(cfg, io, "onnxruntime")
+    if problem:
+        return problem
     feed = _batch_feed(cfg, samples, min(2, cfg.max_batch_size) if cfg.max_batch_size > 0 else 0)
     if feed is None:
         model.checked = f"{loaded}: names, data types and dims match the config (no sample run)"
@@ -515,6 +536,36 @@ def _check_onnx(cfg: Any, path: Path, samples: dict[str, np.ndarray], model: Tri
     model.checked = (f"{loaded}: names, data types and dims match the config; ran a batch of "
                      f"{len(next(iter(feed.values())))} warm-up samples")
     return problem
+
+
+def _compare_io(cfg: Any, io: dict[str, list[tuple[str, str, tuple[int, ...]]]], where: str) -> str | None:
+    for key in ("input", "output"):
+        want = [(n, dt, _full(cfg, dims)) for n, dt, dims in _declared(cfg, key)]
+        if io[key] != want:
+            return (f"its {key}s in {where} are {_show(io[key])}, the config declares {_show(want)} (with the batch "
+                    f"dimension as -1)")
+    return None
+
+
+def _onnx_graph_io(path: Path) -> dict[str, list[tuple[str, str, tuple[int, ...]]]] | str:
+    """The graph's declared inputs (initializers excluded) and outputs, read with onnx (no runtime)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:
+        return f"onnx cannot read {path.name}: {type(exc).__name__}: {exc}"
+    inits = {i.name for i in graph.initializer}
+    io: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
+    for key, values in (("input", [v for v in graph.input if v.name not in inits]), ("output", list(graph.output))):
+        io[key] = []
+        for v in values:
+            t = v.type.tensor_type
+            name = onnx.TensorProto.DataType.Name(t.elem_type)
+            dtype = ONNX_TYPES.get(name, f"TYPE_{name}")
+            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            io[key].append((v.name, dtype, dims))
+    return io
 
 
 def _numpy_type(value: Any) -> str:
@@ -541,7 +592,7 @@ def _check_outputs(cfg: Any, outs: list[Any], batch: int, dtype_of: Callable[[An
     return None
 
 
-def _libtorch_binding(names: list[str], forward_args: list[str] | None) -> tuple[str, list[int | None]]:
+def _libtorch_binding(names: list[str], forward_args: list[str] | None) -> tuple[str, list[int]]:
     """How Triton's PyTorch backend binds config tensor ``names`` to TorchScript positions: (rule, position per
     name). Inputs (``forward_args`` given): by forward-argument name when every name is one; else by
     ``<name>__<index>`` when every name has that form; else by the config's order. Outputs: by
@@ -737,7 +788,8 @@ def _readme(fb: dict[str, Any]) -> str:
              "when it fails or drifts (`qdeploy serve BUNDLE` does this by itself). Every model takes the same "
              "tensor names. The same, for programs: `qdeploy_fallback.json`.", "",
              "## Fallback order", "",
-             "| # | artifact | Triton model | platform | instances | max batch | budget | metric value | bound | why here |",
+             "| # | artifact | Triton model | platform | instances | max batch | budget | metric value | bound "
+             "| why here |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for e in fb["chain"]:
         t, bud = e["triton"], e["budget"]

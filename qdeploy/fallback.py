@@ -205,6 +205,7 @@ class Trial:
     outputs: dict[str, np.ndarray]
     latency_vs_fp32: float | None = None  # a short side-by-side timing against the reference (None: simulated)
     size_bytes: int = 0
+    verification: Any = None  # verify.Verification: metrics, budget and where it ran, as the manifest records it
 
     def point(self, index: int, ladder0: str) -> dict[str, Any]:
         """This trial as a point of the accuracy-latency-size front."""

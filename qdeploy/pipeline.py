@@ -14,7 +14,7 @@ import numpy as np
 from . import __version__
 from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
-from .calibration import ActivationRanges, check_label_range, collect_ranges, open_data, unranged_layers
+from .calibration import ActivationRanges, collect_ranges, open_data, unranged_layers
 from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, QDeployError, StrictPolicyError
 from .fallback import (OBJECTIVES, Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions,
                        resolve, summarize_precision)
@@ -24,7 +24,8 @@ from .profiles import Profile, detect_profile_name, load_profile_file, resolve_t
 from .report import markdown_report
 from .sensitivity import compute as sensitivity_table
 from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
-from .verify import batch_for, budget_output, check_budget, is_classifier, output_metrics, run_all, side_by_side
+from .verify import (batch_for, budget_output, check_budget, run_all, run_reference, side_by_side,
+                     verify_artifact)
 
 Echo = Callable[[str], None]
 log = logging.getLogger("qdeploy")
@@ -263,16 +264,13 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     val_x, val_y = val_ds.arrays() if val_ds else calib_ds.arrays() if calib_ds else (random_inputs(model, 32), None)
     out_names = [o.name for o in model.outputs]
     out_name = budget_output(spec.budget, out_names)
-    ref_runner = OrtRunner(model.onnx_path, threads=threads)
-    ref_out = run_all(ref_runner, val_x)
-    ref_runner.close()
     extra = registry.metrics
     if spec.budget.metric not in HIGHER_IS_BETTER and spec.budget.metric not in extra:
         raise DataError(f"budget.metric {spec.budget.metric!r} is neither built in nor registered by a plugin; "
                         f"registered: {', '.join(sorted(extra)) or 'none'}")
-    if val_y is not None and is_classifier(ref_out[out_name]):  # labels index its classes
-        check_label_range(val_y, int(ref_out[out_name].shape[-1]), f"validation data {val_source}")
-    ref_metrics = {o: output_metrics(ref_out[o], ref_out[o], val_y, extra) for o in out_names}
+    reference = run_reference(model.onnx_path, val_x, val_y, threads=threads, extra=extra, label_output=out_name,
+                              source=f"validation data {val_source}")
+    ref_out, ref_metrics = reference.outputs, reference.metrics
     ref_budget = check_budget(spec.budget, ref_metrics[out_name], ref_metrics[out_name], out_name)  # computable?
     if not ref_budget.passed:
         raise DataError(f"the FP32 reference itself misses the budget ({ref_budget.describe()}): no artifact can "
@@ -332,7 +330,8 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
                 runner = backend.runner(art.path, {**art.meta, "threads": threads})
                 stage = "run"
                 try:
-                    outs = run_all(runner, val_x)
+                    v = verify_artifact(runner, reference, rspec.budget, out_name,
+                                        where={"kind": res.caps.verified_on, **(art.meta.get("verified_on") or {})})
                     speed = None if runner.simulated else side_by_side(
                         {"ref": timer(), "art": runner}, val_x, rounds=10, budget_s=1.0, reference="ref",
                         warmup=1)["art"].vs_reference
@@ -343,13 +342,12 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
             except Exception as exc:
                 code, msg = failure_event(exc, stage)
                 raise BackendError(msg, code) from exc
-            metrics = {o: output_metrics(ref_out[o], outs[o], val_y, extra) for o in out_names}
-            budget = check_budget(rspec.budget, metrics[out_name], ref_metrics[out_name], out_name)
+            budget = v.budget
             if progress:
                 progress(f"verify {label}", i + 1, i + 1)
             echo(f"{label}: trial {i}: {summarize_precision(art.layer_precisions)}: {budget.describe()} -> "
                  f"{'pass' if budget.passed else 'below budget'}")
-            return Trial(art, metrics, budget, outs, speed, path_size(art.path))
+            return Trial(art, dict(v.metrics), budget, dict(v.outputs), speed, path_size(art.path), v)
 
         def score(names: list[str]) -> dict[str, tuple[float, float]]:
             """Each layer's predicted output noise when quantized (from its simulated SQNR alone) and the cost
@@ -513,8 +511,7 @@ def _record(res: Resolution, trial: Trial, trials: list[Trial], sensitivity: dic
     return {"id": ident, "backend": res.target.backend, "target": res.target.label, "precision": precision,
             "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest), "size_bytes": path_size(dest),
             "latency_ms": None, "latency_vs_fp32": None,
-            "verified_on": res.caps.verified_on, "metrics": trial.metrics[trial.budget.output],
-            "metrics_per_output": trial.metrics, "budget": trial.budget.as_dict(),
+            **trial.verification.as_record(),
             "layer_precisions": art.layer_precisions, "spec": res.spec.to_dict(), "meta": art.meta,
             "trials": len(trials), "sensitivity": sensitivity, "_outputs": trial.outputs,
             "front": {"objective": objective, "chosen": trials.index(trial),

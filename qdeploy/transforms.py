@@ -268,9 +268,10 @@ def _chunks(calib: Feeds, chunk: int) -> Iterator[dict[str, np.ndarray]]:
             yield {k: np.asarray(v[i:i + chunk]) for k, v in feed.items()}
 
 
-def _session(model: Any, outputs: Collection[str]) -> Any:
-    """An onnxruntime session of ``model`` with ``outputs`` as its only outputs (the graph pruned to what
-    they need; every graph input is kept)."""
+def _session(model: Any, outputs: Collection[str], given: Mapping[str, np.ndarray] | None = None) -> Any:
+    """An onnxruntime session of ``model`` with ``outputs`` as its only outputs, the graph pruned to what they
+    need; with ``given`` (tensor -> an array of its values), those tensors become the graph's inputs and
+    nothing above them is kept."""
     import onnx
     import onnxruntime as ort
 
@@ -285,7 +286,7 @@ def _session(model: Any, outputs: Collection[str]) -> Any:
         if t in need:
             continue
         need.add(t)
-        n = producer.get(t)
+        n = None if given is not None and t in given else producer.get(t)
         if n is not None and n.output[0] not in keep:
             keep.add(n.output[0])
             stack.extend(x for x in n.input if x)
@@ -298,6 +299,10 @@ def _session(model: Any, outputs: Collection[str]) -> Any:
     g.initializer.extend(kept)
     del g.output[:]
     g.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in outputs)
+    if given is not None:
+        del g.input[:]
+        g.input.extend(onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                       for t, v in given.items() if t in need)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"],
@@ -349,7 +354,7 @@ def fold_batchnorm(model: Any) -> tuple[Any, list[Change]]:
     changes: list[Change] = []
     for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
         conv = g.producer.get(bn.input[0])
-        if (conv is None or conv.op_type != "Conv" or _attr(bn, "training_mode", 0)
+        if (conv is None or conv.op_type != "Conv" or _attr(bn, "training_mode", 0) or not _attr(bn, "spatial", 1)
                 or any(o for o in bn.output[1:]) or not _same(g.single_consumer(conv.output[0]), bn)):
             continue
         w = _weight(g, conv)
@@ -632,7 +637,7 @@ def bias_correction(model: Any, calib: Feeds, weights: WeightSpec | None = None,
             mean_x = st[n.input[0]]["sum"] / st[n.input[0]]["count"]
             d = _analytic_delta(w.astype(np.float64) - fake_quant_weight(w, ws, _quant_axis(n, ws)), n, mean_x)
             if d is not None:
-                deltas[_name(n)] = d
+                deltas[_name(n)] = d * float(_attr(n, "alpha", 1.0)) if n.op_type == "Gemm" else d
     else:
         outs = {n.output[0]: _out_channel_axis(n) for n in targets}
         fp = _reduce(calib, model, outs, chunk, ("sum",))
@@ -640,17 +645,7 @@ def bias_correction(model: Any, calib: Feeds, weights: WeightSpec | None = None,
             q = _reduce(calib, _twins(model, targets, ws), {f"{t}__bcq": a for t, a in outs.items()}, chunk, ("sum",))
             deltas = {_name(n): delta_from(fp, {n.output[0]: q[f"{n.output[0]}__bcq"]}, n.output[0]) for n in targets}
         else:
-            work = _copy(model)
-            wg = _Graph(work)
-            by_name = {_name(n): n for n in wg.graph.node}
-            for n in targets:
-                wn = by_name[_name(n)]
-                _quantize_layer(wg, wn, ws, act_ranges, act_symmetric)
-                wg = _Graph(work)  # insert_qdq edited the node list
-                q = _reduce(calib, work, {n.output[0]: _out_channel_axis(n)}, chunk, ("sum",))
-                d = delta_from(fp, q, n.output[0])
-                deltas[_name(n)] = d
-                _add_bias(wg, wn, d)
+            deltas = _sequential_deltas(model, targets, calib, fp, ws, act_ranges, act_symmetric, chunk)
     for n in targets:
         d = deltas.get(_name(n))
         if d is None:
@@ -663,6 +658,79 @@ def bias_correction(model: Any, calib: Feeds, weights: WeightSpec | None = None,
                         "detail": f"{_name(n)}: bias shifted by {float(np.abs(d).mean()):.3g} on average "
                                   f"({mode}{', sequential' if sequential and mode == 'empirical' else ''})"})
     return model, changes
+
+
+CACHE_BYTES = 1 << 30
+"""The most bytes of intermediate activations sequential bias correction keeps between layers."""
+
+
+def _sequential_deltas(model: Any, targets: list[Any], calib: Feeds, fp: dict[str, dict[str, Any]], ws: WeightSpec,
+                       act_ranges: Mapping[str, tuple[float, float]] | None, act_symmetric: bool, chunk: int,
+                       cache_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Quantize and correct the targets one at a time in graph order. The values of the tensors that the rest of
+    the graph still needs (the frontier: the current layer's output, a residual branch) are kept for every
+    calibration sample, so each step runs only the nodes between the frontier and the next layer: about one
+    forward pass in all. When the frontier outgrows ``cache_bytes``, it restarts from the graph inputs."""
+    budget = CACHE_BYTES if cache_bytes is None else cache_bytes
+    work = _copy(model)
+    inputs = {i.name for i in work.graph.input} - {t.name for t in work.graph.initializer}
+    feeds = list(_feeds(calib))
+    samples = {k: np.concatenate([np.asarray(f[k]) for f in feeds]) for k in inputs if k in feeds[0]}
+    count = len(next(iter(samples.values())))
+    cache: dict[str, np.ndarray] = dict(samples)
+    computed: set[str] = set()
+    deltas: dict[str, np.ndarray] = {}
+    for n in targets:
+        y, axis = n.output[0], _out_channel_axis(n)
+        wg = _Graph(work)
+        wn = wg.producer[y]
+        _quantize_layer(wg, wn, ws, act_ranges, act_symmetric)
+        g = _Graph(work)
+        nodes, stack, seen = [], [y], set()
+        while stack:  # the nodes between the frontier and y
+            t = stack.pop()
+            if t in seen or t in cache or t not in g.producer:
+                continue
+            seen.add(t)
+            p = g.producer[t]
+            nodes.append(p)
+            stack.extend(x for x in p.input if x)
+        done = computed | {p.output[0] for p in nodes}
+        pending = {x for p in work.graph.node if p.output[0] not in done for x in p.input if x}
+        keep = [o for p in nodes for o in p.output if o and o in pending and o != y]
+        sess = _session(work, [y] + keep, cache)
+        names = [i.name for i in sess.get_inputs()]
+        total: np.ndarray | None = None
+        parts: dict[str, list[np.ndarray]] = {t: [] for t in [y] + keep}
+        for i in range(0, count, chunk):
+            outs = sess.run([y] + keep, {t: cache[t][i:i + chunk] for t in names})
+            yv = np.asarray(outs[0], np.float64)
+            a = axis % yv.ndim
+            s = yv.sum(axis=tuple(k for k in range(yv.ndim) if k != a))
+            total = s if total is None else total + s
+            for t, v in zip([y] + keep, outs):
+                if t != y or y in pending:
+                    parts[t].append(v)
+        assert total is not None
+        d = (fp[y]["sum"] - total) / fp[y]["count"]
+        deltas[_name(n)] = d
+        _add_bias(_Graph(work), _Graph(work).producer[y], d)
+        new = {t: v for t, v in cache.items() if t in pending}
+        for t in keep:
+            new[t] = np.concatenate(parts[t])
+        if y in pending:
+            v = np.concatenate(parts[y])
+            if n.op_type != "MatMul":  # the bias is inside the layer: its output moves by d (a MatMul's is in the Add)
+                shape = [1] * v.ndim
+                shape[axis % v.ndim] = -1
+                v = (v + d.reshape(shape)).astype(v.dtype)
+            new[y] = v
+        computed = done
+        if sum(v.nbytes for v in new.values()) > budget:
+            cache, computed = dict(samples), set()
+        else:
+            cache = new
+    return deltas
 
 
 def _twins(model: Any, targets: list[Any], ws: WeightSpec) -> Any:
@@ -691,9 +759,12 @@ def _twins(model: Any, targets: list[Any], ws: WeightSpec) -> Any:
 
 
 def _add_bias(g: _Graph, node: Any, delta: np.ndarray) -> tuple[Any, int, np.ndarray]:
+    """Move a layer's output by ``delta`` per channel through its bias (a Gemm's C is scaled by ``beta``)."""
     bias = _bias_of(g, node)
     assert bias is not None
     holder, idx, b = bias
+    if holder.op_type == "Gemm":
+        delta = delta / float(_attr(holder, "beta", 1.0))
     g.set(holder, idx, np.broadcast_to(b, b.shape[:-1] + (delta.size,) if b.ndim else (delta.size,)) + delta)
     return holder, idx, b
 
@@ -832,8 +903,8 @@ def _event(transform: str, changes: list[Change], applied: bool, reason: str) ->
 
 def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
                     ranges: Mapping[str, Range] | None = None, *, layers: Collection[str] | None = None,
-                    max_samples: int = 256, chunk: int = 16, clip_headroom: float = 1.0
-                    ) -> tuple[Any, list[dict[str, Any]]]:
+                    max_samples: int = 128, chunk: int = 16, clip_headroom: float = 1.0,
+                    simulate_activations: bool | None = None) -> tuple[Any, list[dict[str, Any]]]:
     """Apply ``spec.transforms`` to an FP32 ONNX ModelProto: BatchNorm folding (always), cross-layer
     equalization, SmoothQuant, then bias correction (last: it corrects for the quantization of the final
     weights). Returns the transformed model and one event per transform: ``transform``, ``applied``,
@@ -843,8 +914,10 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     through a Clip, bias correction and SmoothQuant need them. ``ranges`` (tensor -> (lo, hi) of the original
     FP32 model) bound CLE's scales through a Clip when no ``calib`` is given. ``layers``: the node names that will
     be quantized (default all). "auto": CLE runs when weights are per-tensor or the model has depthwise convs;
-    bias correction (empirical, sequential, activations simulated when the spec's activations are static or
-    auto) runs on models with a Conv layer. Nothing runs but BN folding when the spec quantizes nothing."""
+    bias correction (empirical, sequential) runs on models with a Conv layer. Nothing runs but BN folding when
+    the spec quantizes nothing. ``simulate_activations``: sequential bias correction also simulates 8-bit
+    activations on the layer inputs (min-max ranges of the model being corrected); default: when the spec's
+    activations are static or auto. ``clip_headroom``: see :func:`cross_layer_equalization`."""
     t = spec.transforms
     if t.adaround is not False:
         raise QDeployError("transforms.adaround: AdaRound is not implemented in this qdeploy (it needs torch and a "
@@ -893,7 +966,9 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
         why = f"bias_correction = {bc if bc else 'false'}"
     if bc and data:
         act_ranges = None
-        if bc == "empirical" and spec.activations.mode in ("static", "auto"):
+        if simulate_activations is None:
+            simulate_activations = spec.activations.mode in ("static", "auto")
+        if bc == "empirical" and simulate_activations:
             g = _Graph(model)
             act_ranges = tensor_ranges(model, data, {n.input[0] for n in _layers(g, layers)}, chunk)
         model, ch = bias_correction(model, data, spec.weights, mode=str(bc), act_ranges=act_ranges,

@@ -348,3 +348,17 @@ def test_transform_model_per_tensor_end_to_end(tmp_path):
     assert _rel(_run(onnx.load(str(tmp_path / "t.onnx")), feed), ref) < 1e-5
     with pytest.raises(QDeployError, match="adaround"):
         T.transform_model(m, QuantSpec(transforms=TransformsSpec(adaround=True)), [feed])
+
+
+def test_sequential_bias_correction_frontier_cache_matches_running_from_the_inputs(monkeypatch):
+    """The frontier cache (each step runs only the nodes since the last layer) gives the corrections that
+    running the truncated graph from the inputs gives (a cache budget of 0 restarts from the inputs each time)."""
+    m, feed = _separable(), {"x": np.random.default_rng(7).normal(0, 1, (12, 3, 12, 12)).astype(np.float32)}
+    ranges = T.tensor_ranges(m, [feed], ["x", "r1", "r2"])
+    cached, _ = T.bias_correction(m, [feed], PER_TENSOR, act_ranges=ranges, chunk=5)
+    monkeypatch.setattr(T, "CACHE_BYTES", 0)
+    fresh, _ = T.bias_correction(m, [feed], PER_TENSOR, act_ranges=ranges, chunk=5)
+    for name in ("b1", "bdw"):
+        np.testing.assert_allclose(_init(cached, name), _init(fresh, name), rtol=1e-5, atol=1e-6)
+    pw_bias = [t.name for t in cached.graph.initializer if t.name.startswith("pw")]
+    np.testing.assert_allclose(_init(cached, pw_bias[0]), _init(fresh, pw_bias[0]), rtol=1e-5, atol=1e-6)
