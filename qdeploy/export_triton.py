@@ -30,8 +30,12 @@ existing non-empty ``REPO`` is refused (``force`` replaces a previous export). V
 renamed into place: every ``config.pbtxt`` is parsed into Triton's own ``inference.ModelConfig`` message (the
 ``model_config_pb2`` module that ships in ``tritonclient``; an unknown field fails), and every model file is
 loaded (ONNX in onnxruntime, TorchScript in ``torch.jit``; an engine's Q/DQ ONNX, which it was built from, in
-onnxruntime) and its input and output names, data types and dims must equal the config's; each model also
-runs a batch of the bundle's warm-up samples at the declared batching.
+onnxruntime) and its input and output names, data types and dims must equal the config's; where the bundle's
+warm-up samples fit the declared shapes, the model also runs a batch of them (TorchScript: batches of 1 and 3)
+and its outputs must have the declared data types and dims. A model file that fails this before anything is
+written is skipped with the reason (the FP32 reference: the export fails); a repository that fails it after
+writing is never moved into place (:class:`TritonValidationError`, exit 1). The schema check needs
+``tritonclient`` (no grpcio: its ``model_config_pb2`` module is loaded from its file).
 
 Triton serves each model on its own and does not fall back between them: the chain's order is for the
 operator (or a client) to follow; ``qdeploy serve`` follows it by itself.

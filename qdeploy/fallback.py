@@ -263,6 +263,10 @@ def prefix_for(order: list[str], scores: dict[str, Score], fraction: float) -> i
 STALL_VERIFICATIONS = 3
 """Growing promotion sets that did not move the metric, in a row, before the search gives up on a rung."""
 
+MAX_BISECT = 2
+"""Verifications spent bisecting a passing promotion set back down: each halves the gap to the largest failing
+set; two take most of what can be given back, the rest costs more verifications than it saves precision."""
+
 
 def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], int], Trial],
                   layer_precisions: dict[str, str], pinned: set[str],
@@ -274,7 +278,8 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
     Layers are ordered by predicted gain per cost (:func:`promotion_order`, from the simulated sensitivity).
     Each rung of the ladder in turn: promote the shortest prefix carrying half the predicted noise, then three
     quarters, seven eighths, ... until a build passes; then bisect the prefix back down between the largest
-    failing and the smallest passing set, so promotions that were not needed are undone. Every verification
+    failing and the smallest passing set (at most :data:`MAX_BISECT` verifications), so promotions that were not
+    needed are undone. Every verification
     counts against ``max_trials`` (full verifications, not loop iterations) and ``time_budget_s``; a rung stops
     after :data:`STALL_VERIFICATIONS` growing sets in a row that did not move the metric. Returns the trial
     :func:`choose` picks for ``objective`` among those that passed (else the closest), and all trials: the
@@ -329,14 +334,14 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
                 targets[name] = (new, skipped)
             return targets[name]
 
-        fail_k, pass_k, fraction, stalled = 0, None, 0.5, 0
+        fail_k, pass_k, fraction, stalled, bisected = 0, None, 0.5, 0, 0
         best_value = better(first)
         while True:
             if pass_k is None:
                 k = max(prefix_for(order, {n: scores.get(n, (0.0, 0.0)) for n in order}, fraction), fail_k + 1)
                 k = min(k, len(order))
-            elif pass_k - fail_k <= 1:
-                break  # bisection done: pass_k is the smallest passing prefix found
+            elif pass_k - fail_k <= 1 or bisected >= MAX_BISECT:
+                break  # bisection done (or spent): pass_k is the smallest passing prefix found
             else:
                 k = (fail_k + pass_k) // 2
             if not within():
@@ -347,14 +352,19 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
             for name in order[:k]:
                 config[name] = target_of(name)[0]
             phase = "grow" if pass_k is None else "bisect"
-            for name in order[:k]:
-                new, skipped = target_of(name)
-                note = f" (skipped {'; '.join(skipped)})" if skipped else ""
-                events.emit("ACCURACY_BELOW_BUDGET", label,
-                            f"{trials[-1].budget.describe()}; trial {len(trials)} promotes {k} of {len(order)} "
-                            f"layers ({phase}): layer {name} {res.ladder[0]} -> {new}{note}",
-                            action="promote", layer=name, **{"from": res.ladder[0], "to": new}, trial=len(trials),
-                            set_size=k, phase=phase, **details, **({"skipped": skipped} if skipped else {}))
+            moves = [(name, *target_of(name)) for name in order[:k]]
+            shown = ", ".join(f"{n} -> {t}" + (f" (skipped {'; '.join(sk)})" if sk else "") for n, t, sk in moves[:6])
+            more = f" and {len(moves) - 6} more" if len(moves) > 6 else ""
+            last = trials[-1].budget
+            events.emit("ACCURACY_BELOW_BUDGET", label,
+                        f"{last.describe()}; trial {len(trials)} promotes {k} of {len(order)} layers from "
+                        f"{res.ladder[0]} ({phase}, by predicted gain per cost): {shown}{more}",
+                        action="promote", layers=[n for n, _, _ in moves], to={n: t for n, t, _ in moves},
+                        **{"from": res.ladder[0]}, trial=len(trials), phase=phase, metric=last.metric,
+                        value=last.value, budget=last.budget, output=last.output,
+                        **({"skipped": {n: sk for n, _, sk in moves if sk}} if any(sk for _, _, sk in moves) else {}))
+            if phase == "bisect":
+                bisected += 1
             try:
                 trial = build_and_verify(config, len(trials))
             except BackendError as exc:

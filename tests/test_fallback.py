@@ -36,19 +36,18 @@ def test_fallback_promotes_named_layers_until_the_budget_holds(sensitive_bundle)
     assert promotions, m["events"]
     for e in promotions:
         assert e["metric"] == "top1_agreement" and e["budget"] == pytest.approx(THRESHOLD)
-        assert e["value"] < THRESHOLD and e["layer"] in m["model"]["layers"]
-        assert (e["from"], e["to"]) == ("int8", "fp32")  # x86 onnxruntime: the ladder skips slow fp16
+        assert e["value"] < THRESHOLD and set(e["layers"]) <= set(m["model"]["layers"])
+        assert e["from"] == "int8" and set(e["to"].values()) == {"fp32"}  # x86 onnxruntime: the ladder skips fp16
     art = m["artifacts"][0]
     assert art["budget"]["passed"] and art["metrics"]["top1_agreement"] >= THRESHOLD
-    for e in promotions:
-        assert art["layer_precisions"][e["layer"]] == "fp32"
+    kept = art["front"]["points"][art["front"]["chosen"]]
+    assert {n for n, p in art["layer_precisions"].items() if p == "fp32"} == set(kept["promoted"])
     sens = art["sensitivity"]
     # the search promotes sets (predicted gain per cost) and bisects back down: the artifact kept is the
     # smallest passing set, which holds the most sensitive layer
     assert art["layer_precisions"][min(sens, key=sens.get)] == "fp32"
     assert "int8" in art["layer_precisions"].values()  # only what had to be promoted was
-    trials = {e["trial"] for e in promotions}
-    assert art["trials"] == len(trials) + 1 <= 5  # every verification counted; few of them
+    assert art["trials"] == len(promotions) + 1 <= 4  # every verification counted (one event each); few of them
     assert {e["phase"] for e in promotions} <= {"grow", "bisect"}
     # the sensitivity ranking is in the manifest and the report; the outlier-scaled layers rank first
     sens = art["sensitivity"]
@@ -120,9 +119,10 @@ def test_a_rung_the_backend_cannot_build_is_skipped_not_a_dead_end(tmp_path, dig
     art = b.artifacts[0]
     assert art["budget"]["passed"]
     promoted = [e for e in b.manifest["events"] if e.get("action") == "promote"]
-    assert promoted and all(e["to"] == "fp16" for e in promoted)
+    assert promoted and all(set(e["to"].values()) == {"fp16"} for e in promoted)
     moved = [e for e in b.manifest["events"] if e["code"] == "PRECISION_UNSUPPORTED"]
-    assert {e["layer"] for e in moved} == {e["layer"] for e in promoted}
+    assert {e["layer"] for e in moved} <= {n for e in promoted for n in e["layers"]}
+    assert {n for n, p in art["layer_precisions"].items() if p != "int8"} <= {e["layer"] for e in moved}
     assert all(art["layer_precisions"][e["layer"]] == "fp32" for e in moved)
 
 

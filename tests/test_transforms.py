@@ -362,3 +362,21 @@ def test_sequential_bias_correction_frontier_cache_matches_running_from_the_inpu
         np.testing.assert_allclose(_init(cached, name), _init(fresh, name), rtol=1e-5, atol=1e-6)
     pw_bias = [t.name for t in cached.graph.initializer if t.name.startswith("pw")]
     np.testing.assert_allclose(_init(cached, pw_bias[0]), _init(fresh, pw_bias[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_smoothquant_folds_into_a_written_out_layernorm_affine():
+    """Older exporters write LayerNorm out: ... -> Mul(gamma) -> Add(beta) -> MatMul. The scale goes into both."""
+    rng = np.random.default_rng(1)
+    gamma = rng.uniform(0.5, 1.5, 16)
+    gamma[5] *= 50
+    inits = {"gamma": gamma, "beta": rng.normal(0, 0.1, 16), "w": rng.normal(0, 0.2, (16, 8))}
+    nodes = [helper.make_node("Mul", ["x", "gamma"], ["xg"], name="scale"),
+             helper.make_node("Add", ["xg", "beta"], ["h"], name="shift"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")]
+    m = _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 8])])
+    feed = {"x": np.random.default_rng(2).normal(0, 1, (64, 16)).astype(np.float32)}
+    out, [ch] = T.smoothquant(m, [feed], alpha=0.5)
+    assert ch["producer"] == "Mul+Add" and len(out.graph.node) == 3
+    assert ch["outlier_ratio_after"] < ch["outlier_ratio_before"] / 4
+    assert _rel(_run(out, feed), _run(m, feed)) < 1e-5
