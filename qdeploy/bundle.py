@@ -1,5 +1,5 @@
 """Deployment bundles: a folder with ``manifest.json``, the FP32 reference, the artifacts, warm-up samples
-and ``report.md``. Written into a temporary folder beside the destination and renamed into place; loading
+and ``report.md``/``report.html``. Written into a temporary folder beside the destination and renamed into place; loading
 checks the schema version and the sha256 of every file, and refuses a tampered or unknown bundle.
 """
 from __future__ import annotations
@@ -275,4 +275,8 @@ class Bundle:
         self.manifest.setdefault("events", []).extend(events)
         if (self.path / "report.md").is_file():
             (self.path / "report.md").write_text(markdown_report(self.manifest))
+        if (self.path / "report.html").is_file():
+            from .htmlreport import html_report
+
+            (self.path / "report.html").write_text(html_report(self.manifest))
         write_manifest(self.path, self.manifest)

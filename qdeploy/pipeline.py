@@ -420,7 +420,9 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     samples = {f"input:{k}": v[:WARMUP_SAMPLES] for k, v in val_x.items()}
     samples.update({f"reference:{k}": v[:WARMUP_SAMPLES] for k, v in ref_out.items()})
     for a in built:
-        samples.update({f"{a['id']}:{k}": v[:WARMUP_SAMPLES] for k, v in a.pop("_outputs").items()})
+        outs = a.pop("_outputs")
+        a["error_per_sample"] = _error_histogram(ref_out[out_name], outs[out_name])
+        samples.update({f"{a['id']}:{k}": v[:WARMUP_SAMPLES] for k, v in outs.items()})
     np.savez(staging / SAMPLES, **samples)
     manifest = {
         "qdeploy_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -436,6 +438,9 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
         "budget_output": out_name, "artifacts": built, "events": events.items, "samples": SAMPLES,
     }
     (staging / "report.md").write_text(markdown_report(manifest))
+    from .htmlreport import html_report
+
+    (staging / "report.html").write_text(html_report(manifest))
     return write_manifest(staging, manifest)
 
 
@@ -486,6 +491,18 @@ def _time_side_by_side(registry: Registry, ref_path: Path, staging: Path, built:
     ref = timing["reference"]
     return ref.median_ms, {"threads": threads, "rounds": ref.rounds, "method": "side-by-side",
                            "reference": ref.as_dict()}
+
+
+def _error_histogram(ref: np.ndarray, out: np.ndarray, bins: int = 30) -> dict[str, Any]:
+    """The distribution of the per-sample relative error ``||out - ref|| / ||ref||`` (for report.html)."""
+    n = len(ref)
+    r = ref.reshape(n, -1).astype(np.float64)
+    err = np.linalg.norm(out.reshape(n, -1).astype(np.float64) - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1),
+                                                                                         1e-30)
+    hi = float(err.max()) if n else 0.0
+    counts, edges = np.histogram(err, bins=bins, range=(0.0, hi if hi > 0 else 1.0))
+    return {"counts": counts.tolist(), "edges": edges.tolist(),
+            "quantiles": {q: float(np.quantile(err, int(q[1:]) / 100)) for q in ("p50", "p90", "p99", "p100")}}
 
 
 def _chain_reason(art: dict[str, Any], i: int, chain: list[dict[str, Any]]) -> str:

@@ -910,8 +910,8 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     weights). Returns the transformed model and one event per transform: ``transform``, ``applied``,
     ``count`` (layers or pairs changed), ``skipped``, ``reason`` (why it ran or not) and the ``changes``.
 
-    ``calib``: calibration batches (at most ``max_samples`` samples are used, run ``chunk`` at a time); CLE
-    through a Clip, bias correction and SmoothQuant need them. ``ranges`` (tensor -> (lo, hi) of the original
+    ``calib``: calibration batches, run ``chunk`` samples at a time; CLE through a Clip takes its channel ranges
+    from all of them, bias correction and SmoothQuant use the first ``max_samples``. ``ranges`` (tensor -> (lo, hi) of the original
     FP32 model) bound CLE's scales through a Clip when no ``calib`` is given. ``layers``: the node names that will
     be quantized (default all). "auto": CLE runs when weights are per-tensor or the model has depthwise convs;
     bias correction (empirical, sequential) runs on models with a Conv layer. Nothing runs but BN folding when
@@ -943,8 +943,8 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
         clip_in = {n1.output[0]: (1 if n1.op_type == "Conv" else -1) for n1, act, _ in pairs
                    if act is not None and act.op_type == "Clip"}
         cle_ranges: Mapping[str, Range] | None = ranges
-        if clip_in and data:
-            cle_ranges = dict(channel_ranges(model, data, clip_in, chunk))
+        if clip_in and calib is not None:  # all the calibration data: a clip bound is only as safe as its max
+            cle_ranges = dict(channel_ranges(model, calib, clip_in, chunk))
         model, ch = cross_layer_equalization(model, cle_ranges, clip_headroom=clip_headroom)
         events.append(_event("cross_layer_equalization", ch, True, why))
     else:

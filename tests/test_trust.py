@@ -291,3 +291,16 @@ def test_an_interrupted_sensitivity_run_resumes_from_the_cache(tmp_path, monkeyp
     table = sens.compute(handle, spec, ranges, layers, x, ref, "output")
     assert len(table.rows) == len(layers)
     assert len(runs) == 1 + len(layers) - 2  # the all-quantized run, then only the layers not yet measured
+
+
+# ------------------------------------------------------------------------------------------- report.html
+def test_every_bundle_has_a_self_contained_html_report(digits_bundle):
+    page = (digits_bundle / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page
+    assert "Serves:" in page and "Precision map" in page and "Error distribution" in page
+    for fetch in ('src="http', "src='http", 'href="http', "@import", "<link", "<script"):
+        assert fetch not in page  # nothing fetched from the network
+    m = json.loads((digits_bundle / "manifest.json").read_text())
+    assert "report.html" in m["files"]
+    err = m["artifacts"][0]["error_per_sample"]
+    assert sum(err["counts"]) == m["validation"]["samples"] and err["quantiles"]["p50"] <= err["quantiles"]["p100"]
