@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-HEADERS = ("artifact", "backend", "precision", "size", "vs fp32", "latency", "vs fp32", "verified", "budget")
+HEADERS = ("artifact", "backend", "precision", "size", "size vs fp32", "latency", "speed vs fp32", "verified", "budget")
 
 
 def _fmt_size(n: int) -> str:
