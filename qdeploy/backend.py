@@ -29,7 +29,7 @@ import numpy as np
 from .errors import DataError
 
 if TYPE_CHECKING:
-    from .calibration import ActivationRanges, CalibrationData
+    from .calibration import ActivationRanges, Dataset
     from .model import ModelHandle
     from .profiles import BackendTarget
     from .spec import QuantSpec
@@ -147,9 +147,10 @@ class Backend(ABC):
                   layer_precisions: dict[str, str]) -> Plan:
         """Turn the (already resolved) spec into this backend's plan; raise BackendError if impossible."""
 
-    def calibrate(self, plan: Plan, ranges: ActivationRanges, data: CalibrationData) -> Plan:
+    def calibrate(self, plan: Plan, ranges: ActivationRanges | None, data: Dataset | None) -> Plan:
         """Put calibrated activation ranges into the plan. ``ranges`` come from the core's observers run on
-        the FP32 reference; ``data`` is the same calibration data, for backends that observe by themselves."""
+        the FP32 reference; ``data`` is the same calibration data, for backends that observe by themselves.
+        Both are None when the spec needs no activation ranges (FP16, dynamic INT8) and no data was given."""
         plan.ranges = ranges
         return plan
 

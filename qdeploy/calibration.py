@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .spec import ActivationSpec, CalibrationSpec
 
 LABEL_KEY = "y"
 Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
+Chunk = tuple[dict[str, np.ndarray], "np.ndarray | None", str]  # a Batch and where it came from (a file)
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -57,7 +58,9 @@ class Dataset:
     def batches(self, batch_size: int | None = None) -> Iterator[Batch]:
         """Yield ``(inputs, labels)`` batches of at most ``batch_size`` samples."""
         size = batch_size or self.batch_size
-        seen, buf_x, buf_y = 0, [], []
+        seen = 0
+        buf_x: list[dict[str, np.ndarray]] = []
+        buf_y: list[np.ndarray | None] = []
         for item in self._chunks():
             x, y = item[0], item[1]
             x = _as_model_inputs(self.model, x)
@@ -288,7 +291,8 @@ def _iterable_dataset(source: Iterable, model: ModelHandle, name: str, batch: in
     return Dataset(lambda: (parse(item) for item in source), model, name, batch, limit)
 
 
-def _folder_chunks(files: list[Path], model: ModelHandle, label_file: Path | None, name: str):
+def _folder_chunks(files: list[Path], model: ModelHandle, label_file: Path | None,
+                   name: str) -> Callable[[], Iterator[Chunk]]:
     labels = None
     if label_file is not None:
         try:
@@ -296,7 +300,7 @@ def _folder_chunks(files: list[Path], model: ModelHandle, label_file: Path | Non
         except Exception as exc:
             raise DataError(f"{name}: labels file {label_file.name} cannot be read: {exc}") from None
 
-    def chunks() -> Iterator[Batch]:
+    def chunks() -> Iterator[Chunk]:
         offset = 0
         for f in files:
             try:
@@ -342,7 +346,9 @@ class MovingAverageObserver(Observer):
     """Exponential moving average of each batch's min and max: ``r = momentum*r + (1-momentum)*batch``."""
 
     def __init__(self, momentum: float) -> None:
-        self.momentum, self.lo, self.hi = momentum, None, None
+        self.momentum = momentum
+        self.lo: float | None = None
+        self.hi: float | None = None
 
     def update(self, x: np.ndarray) -> None:
         lo, hi = float(x.min()), float(x.max())
@@ -351,6 +357,7 @@ class MovingAverageObserver(Observer):
         self.hi = hi if self.hi is None else m * self.hi + (1 - m) * hi
 
     def range(self) -> tuple[float, float]:
+        assert self.lo is not None and self.hi is not None, "range() before any update()"
         return self.lo, self.hi
 
 
@@ -402,7 +409,7 @@ class PercentileObserver(HistogramObserver):
         edges = np.linspace(-self.radius, self.radius, self.bins + 1)
         tail = 1.0 - self.p / 100.0
         lo = edges[np.searchsorted(cdf, tail, side="left")]
-        hi = edges[min(np.searchsorted(cdf, 1.0 - tail, side="left") + 1, self.bins)]
+        hi = edges[min(int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1, self.bins)]
         return max(self.lo, float(lo)), min(self.hi, float(hi))
 
 
@@ -576,8 +583,9 @@ def collect_ranges(model: ModelHandle, data: Dataset, act: ActivationSpec,
             if progress:
                 progress(done, data.count)
         runner.close()
-    return ActivationRanges(act.method, {t: tuple(map(float, o.range())) for t, o in observers.items()
-                                         if t not in nonfinite}, done, nonfinite)
+    found = {t: o.range() for t, o in observers.items() if t not in nonfinite}
+    return ActivationRanges(act.method, {t: (float(lo), float(hi)) for t, (lo, hi) in found.items()}, done,
+                            nonfinite)
 
 
 def _skip_first(batches: Iterator[Batch], n: int) -> Iterator[Batch]:
@@ -612,7 +620,7 @@ def _observe(out: dict[str, np.ndarray], tensors: list[str], observers: dict[str
 
 
 def unranged_layers(layers: Mapping[str, Any], precisions: Mapping[str, str], ranges: ActivationRanges | None,
-                    quantized: Iterable[str]) -> dict[str, str]:
+                    quantized: Collection[str]) -> dict[str, str]:
     """Layers set to a ``quantized`` precision one of whose activations (inputs or output) has no finite
     range, with why: they must stay float in every backend (a scale computed from inf is inf)."""
     if ranges is None:

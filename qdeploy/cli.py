@@ -278,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export_triton import export_triton
+    from .export_triton import Skipped, TritonModel, export_triton
 
     if args.max_batch_size is not None and args.max_batch_size < 0:
         raise QDeployError(f"--max-batch-size {args.max_batch_size} must be >= 0 (0: no batching)")
@@ -287,8 +287,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     done = export_triton(args.bundle, args.output, name=args.name, max_batch_size=args.max_batch_size,
                          instances=args.instances, force=args.force)
     print(f"Triton model repository: {done.path} ({len(done.models)} model(s); the bundle's fallback order):")
-    for m in sorted(done.models + done.skipped, key=lambda x: x.position):
-        if hasattr(m, "reason"):
+    chain: list[TritonModel | Skipped] = [*done.models, *done.skipped]
+    for m in sorted(chain, key=lambda x: x.position):
+        if isinstance(m, Skipped):
             print(f"  {m.position}. {m.artifact}: skipped: {m.reason}")
         else:
             print(f"  {m.position}. {m.label}: {m.name} ({m.platform}, {m.kind} x{m.count}, max_batch_size "

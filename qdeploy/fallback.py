@@ -8,7 +8,7 @@ import dataclasses
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,9 +177,9 @@ def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: 
 def initial_layer_precisions(res: Resolution, layers: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
     """Each layer's starting precision (spec default and overrides, moved onto what this entry runs) and the
     set of layers pinned by an override (the fallback loop leaves those alone)."""
-    spec = res.spec
-    assert spec is not None
-    runnable = [p for p in PRECISIONS if p in res.target.supported and p in res.caps.precisions]
+    spec, caps = res.spec, res.caps
+    assert spec is not None and caps is not None, "only a runnable resolution has layer precisions"
+    runnable = [p for p in PRECISIONS if p in res.target.supported and p in caps.precisions]
     out, pinned = {}, set()
     for name, layer in layers.items():
         p = spec.precision_for(name, layer.op_type)
@@ -200,7 +200,7 @@ def initial_layer_precisions(res: Resolution, layers: dict[str, Any]) -> tuple[d
 @dataclass
 class Trial:
     artifact: Artifact
-    metrics: dict[str, dict[str, float]]
+    metrics: Mapping[str, Mapping[str, float]]  # per output, as verification measured them
     budget: Any  # verify.BudgetResult
     outputs: dict[str, np.ndarray]
     latency_vs_fp32: float | None = None  # a short side-by-side timing against the reference (None: simulated)

@@ -337,6 +337,8 @@ def _load_factory(text: str) -> Any:
                 raise ModelError(f"model file {path} does not exist")
             name = f"qdeploy_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
             spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ModelError(f"cannot import {target}: not a Python source file")
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             spec.loader.exec_module(module)

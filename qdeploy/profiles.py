@@ -14,7 +14,7 @@ import subprocess
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ProfileError, suggest
 from .spec import PRECISIONS
@@ -163,14 +163,14 @@ def profile_from_dict(data: dict[str, Any], source: str = "") -> Profile:
                                    f"{', '.join(GRANULARITY_NAMES)}")
         if "backend" not in b or not b.get("fast"):
             raise ProfileError(f"{where}: backends[{i}] needs 'backend' and a non-empty 'fast' list")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in b.items() if k != "options"}
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in b.items() if k != "options"}
         targets.append(BackendTarget(**kw, options=tuple(sorted(b.get("options", {}).items())),
                                      compute_capability=str(data.get("compute_capability", ""))))
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise ProfileError(f"{where}: backend entries must be unique, got {labels}")
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "backends"}
-    return Profile(**kw, backends=tuple(targets), source=source)
+    top: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "backends"}
+    return Profile(**top, backends=tuple(targets), source=source)
 
 
 def load_profile_file(path: str | Path) -> Profile:
@@ -220,7 +220,7 @@ def gpu_compute_capability() -> tuple[str, str] | None:
 
 
 def detect_profile_name(flags: set[str] | None = None, machine: str | None = None,
-                        gpu: tuple[str, str] | None | bool = False) -> str:
+                        gpu: tuple[str, str] | None | Literal[False] = False) -> str:
     """The built-in profile that best matches this host (GPU first, when one is visible)."""
     if gpu is False:
         gpu = gpu_compute_capability()

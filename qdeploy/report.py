@@ -6,7 +6,7 @@ from typing import Any
 HEADERS = ("artifact", "backend", "precision", "size", "size vs fp32", "latency", "speed vs fp32", "verified", "budget")
 
 
-def _fmt_size(n: int) -> str:
+def _fmt_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -163,7 +163,7 @@ def simulated_model(model: ModelHandle, spec: QuantSpec, ranges: ActivationRange
         proto = ensure_opset(proto, 19)
     nodes = {n.name: n for n in proto.graph.node}
     inits = {t.name: t for t in proto.graph.initializer}
-    static = spec.activations.mode == "static" and ranges is not None
+    static = ranges if spec.activations.mode == "static" else None  # the ranges static activations use, if any
     for name in layers:
         layer = model.layers[name]
         node = nodes[layer.node]
@@ -175,12 +175,12 @@ def simulated_model(model: ModelHandle, spec: QuantSpec, ranges: ActivationRange
                                           name=f"{layer.weight}__fq_{name}")
             proto.graph.initializer.append(new)
             node.input[1] = new.name
-        if static and layer.input in ranges.ranges and precision == "fp8":
-            lo, hi = ranges.get(layer.input)
+        if static is not None and layer.input in static.ranges and precision == "fp8":
+            lo, hi = static.get(layer.input)
             insert_qdq(proto, node, 0, np.array(fp8_scale(max(-lo, hi)), np.float32), fp8_zero_point(),
                        f"{layer.input}__fq_{name}")
-        elif static and layer.input in ranges.ranges:
-            lo, hi = ranges.get(layer.input)
+        elif static is not None and layer.input in static.ranges:
+            lo, hi = static.get(layer.input)
             sym = spec.activations.symmetric
             s, z, _, _ = qparams(lo, hi, 8, sym, signed=sym)
             insert_qdq(proto, node, 0, np.array(s, np.float32), np.array(z, np.int8 if sym else np.uint8),

@@ -95,7 +95,7 @@ class Slot:
         return self.manifest_index is None
 
     def describe(self) -> dict[str, Any]:
-        d = {"id": self.id, "backend": self.backend, "precision": self.precision, "state": self.state,
+        d: dict[str, Any] = {"id": self.id, "backend": self.backend, "precision": self.precision, "state": self.state,
              "reason": self.reason, "detail": self.detail, "served": self.served, "errors": self.errors,
              "final_fallback": self.is_reference, "budget_passed": self.budget_passed}
         if self.drift is not None:

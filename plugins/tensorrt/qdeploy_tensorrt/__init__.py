@@ -233,7 +233,7 @@ def symmetric_cost(ranges: Mapping[str, tuple[float, float]], tensors: list[str]
         ratios[t] = (max(-lo, hi) / 127.0) / ((hi - lo) / 255.0)
     if not ratios:
         return {}
-    worst = max(ratios, key=ratios.get)
+    worst = max(ratios, key=lambda t: ratios[t])
     vals = sorted(ratios.values())
     return {"median_step_ratio": round(vals[len(vals) // 2], 3), "worst_tensor": worst,
             "worst_step_ratio": round(ratios[worst], 3)}

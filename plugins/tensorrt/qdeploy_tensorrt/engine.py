@@ -193,6 +193,8 @@ class _Cuda:
     def malloc(self, nbytes: int) -> int:
         ptr = ctypes.c_void_p()
         self.check(self.lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1))), "cudaMalloc")
+        if ptr.value is None:
+            raise RuntimeError("cudaMalloc succeeded but returned a null pointer")
         return int(ptr.value)
 
     def free(self, ptr: int) -> None:

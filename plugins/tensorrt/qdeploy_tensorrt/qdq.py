@@ -37,7 +37,7 @@ standard deviation, not from TensorRT's amax / 448, and needs its Distribution c
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,9 @@ def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes:
             continue
         for k, t in enumerate(node.input[:2]):
             dq = producer.get(t)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue  # check_rules reports the missing pair (R4)
+            q = producer.get(dq.input[0])
             if q is None or q.op_type != "QuantizeLinear":
                 continue  # check_rules reports the missing pair (R4)
             if q.output[0] in retyped:
@@ -183,7 +185,7 @@ def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes:
 
 
 def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8_nodes: set[str],
-                     fp8_nodes: set[str] = frozenset()) -> list[str]:
+                     fp8_nodes: Collection[str] = frozenset()) -> list[str]:
     """R6: Q/DQ on the residual input of every Add whose other input is the output of an INT8 (FP8) weighted
     layer, of that layer's type. Returns the residual tensors that got a pair."""
     producer = {o: n for n in proto.graph.node for o in n.output}
@@ -203,7 +205,9 @@ def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8
             continue
         lo, hi = ranges[tensor]
         amax = max(abs(lo), abs(hi), 1e-12)
-        if srcs[fused[0]].name in fp8_nodes:  # R8
+        layer = srcs[fused[0]]
+        assert layer is not None  # fused holds only inputs that a weighted layer produces
+        if layer.name in fp8_nodes:  # R8
             scale, zero = np.array(fp8_scale(amax), np.float32), fp8_zero_point()
         else:  # R1: symmetric, zero point 0
             scale, zero = np.array(amax / 127.0, np.float32), np.array(0, np.int8)
@@ -272,16 +276,16 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
         if n is None:
             problems.append(f"R4 {name}: no such node in the graph")
             continue
-        want = ml_dtypes.float8_e4m3fn if name in fp8_nodes else np.int8
+        code_dtype = ml_dtypes.float8_e4m3fn if name in fp8_nodes else np.int8
         for k, t in enumerate(n.input[:2]):
             src = producer.get(t)
             if src is None or src.op_type != "DequantizeLinear":
                 problems.append(f"R4 {name}: input {k} ({t!r}) does not come from a DequantizeLinear")
                 continue
             zp = inits.get(src.input[2]) if len(src.input) > 2 and src.input[2] else None
-            if zp is not None and zp.dtype != want:
+            if zp is not None and zp.dtype != code_dtype:
                 problems.append(f"R8 {name}: input {k} is dequantized from {zp.dtype.name}, the layer is "
-                                f"{np.dtype(want).name}")
+                                f"{np.dtype(code_dtype).name}")
         for t in n.output:
             for c in consumers.get(t, []):
                 if c.op_type != "QuantizeLinear":
@@ -312,11 +316,12 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
         srcs = [producer.get(i) for i in n.input]
         fused = [i for i, s in enumerate(srcs) if s is not None and s.name in int8 and s.op_type in WEIGHTED_OPS]
         if len(fused) == 1:
-            other = srcs[1 - fused[0]]
+            other, layer = srcs[1 - fused[0]], srcs[fused[0]]
+            assert layer is not None  # fused holds only inputs that a quantized layer produces
             residual = n.input[1 - fused[0]]
             if residual not in inits and residual not in skip and (other is None or other.op_type != "DequantizeLinear"):
                 problems.append(f"R6 {n.name}: residual input {n.input[1 - fused[0]]!r} of an Add fed by quantized "
-                                f"{srcs[fused[0]].name} has no Q/DQ")
+                                f"{layer.name} has no Q/DQ")
     return problems
 
 

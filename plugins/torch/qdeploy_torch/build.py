@@ -205,6 +205,7 @@ def _float(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -
     floats, _ = _split(plan)
     precisions = set(plan.layer_precisions.values()) or {plan.spec.precision}
     whole = precisions & set(q.FLOAT_DTYPES)
+    model: torch.nn.Module
     if len(precisions) == 1 and whole:  # the whole model in fp16/bf16, float32 in and out
         model = q.Cast(module, q.FLOAT_DTYPES[whole.pop()])
     else:

@@ -67,6 +67,8 @@ def _load_factory_fn(text: str) -> Any:
     if not path.is_file():
         raise ModelError(f"--train: {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"qdeploy_user_train_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"cannot import {path}: not a Python source file")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

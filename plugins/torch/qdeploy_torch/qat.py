@@ -181,8 +181,9 @@ def convert(qat_model: QATModel) -> torch.fx.GraphModule:
     return converted
 
 
-def save(converted: torch.nn.Module, path: Any) -> Any:
-    """Save a converted model as a ``torch.export`` program with a dynamic batch dimension."""
+def save(converted: torch.fx.GraphModule, path: Any) -> Any:
+    """Save a converted model (what :func:`convert` returned) as a ``torch.export`` program with a dynamic
+    batch dimension."""
     from pathlib import Path
 
     from .build import quiet
@@ -190,8 +191,8 @@ def save(converted: torch.nn.Module, path: Any) -> Any:
 
     example = next(iter([a for a in getattr(converted, "_qdeploy_example", ())]), None)
     placeholders = [n for n in converted.graph.nodes if n.op == "placeholder"]
-    shapes = [tuple(n.meta["val"].shape) if "val" in n.meta else None for n in placeholders]
-    if any(s is None for s in shapes):
+    shapes = [tuple(n.meta["val"].shape) for n in placeholders if "val" in n.meta]
+    if len(shapes) != len(placeholders):
         raise ModelError("cannot save this converted model: its input shapes are unknown")
     example = tuple(torch.randn(*((2,) + tuple(int(d) if isinstance(d, int) else 2 for d in s[1:])))
                     for s in shapes)

@@ -47,11 +47,11 @@ def check_weights(spec: Any) -> None:
                            "zero point 0; use symmetric weights or another backend", "GRANULARITY_UNSUPPORTED")
 
 
-def _core_observer_class(base: type) -> type:
+def _core_observer_class(base: type[Any]) -> type[Any]:
     """A torch observer (subclass of ``base``, a MinMaxObserver) whose range comes from one of the core's
     observers, so qdeploy's percentile/entropy calibration runs unchanged inside PT2E or FX."""
 
-    class CoreRangeObserver(base):  # type: ignore[misc, valid-type]
+    class CoreRangeObserver(base):
         def __init__(self, method: str = "percentile", percentile: float = 99.99, momentum: float = 0.9,
                      **kwargs: Any) -> None:
             super().__init__(**kwargs)
@@ -73,10 +73,10 @@ def _core_observer_class(base: type) -> type:
     return CoreRangeObserver
 
 
-def _uniform_per_channel_class(base: type) -> type:
+def _uniform_per_channel_class(base: type[Any]) -> type[Any]:
     """Per-tensor weight numerics on the per-channel kernels: every channel gets the whole tensor's range."""
 
-    class UniformPerChannelObserver(base):  # type: ignore[misc, valid-type]
+    class UniformPerChannelObserver(base):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = super().forward(x)
             self.min_val.copy_(torch.full_like(self.min_val, float(self.min_val.min())))
@@ -95,7 +95,7 @@ def observers(flavour: str) -> Any:
     return obs
 
 
-def activation_observer(act: Any, flavour: str) -> tuple[type, dict[str, Any]]:
+def activation_observer(act: Any, flavour: str) -> tuple[type[Any], dict[str, Any]]:
     """(observer class, its arguments) for the spec's calibration method (flat: torchao inspects the class)."""
     obs = observers(flavour)
     if act.method == "minmax":
@@ -110,7 +110,7 @@ def activation_observer(act: Any, flavour: str) -> tuple[type, dict[str, Any]]:
     raise BackendError(f"calibration method {act.method!r} has no torch observer", "BUILD_FAILED")
 
 
-def weight_observer(w: Any, flavour: str, moving: bool = False) -> type:
+def weight_observer(w: Any, flavour: str, moving: bool = False) -> type[Any]:
     obs = observers(flavour)
     per_channel = obs.MovingAveragePerChannelMinMaxObserver if moving else obs.PerChannelMinMaxObserver
     if w.granularity.type == "per_tensor":

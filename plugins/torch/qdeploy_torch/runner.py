@@ -36,6 +36,8 @@ def load_program(path: Path, device: str = "cpu") -> Any:
 
 
 class TorchRunner(Runner):
+    max_batch: int  # always set: the artifact's one static batch size, which smaller batches are padded to
+
     def __init__(self, path: Path, meta: Mapping[str, Any]) -> None:
         import torch
 
