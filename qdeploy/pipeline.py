@@ -14,20 +14,20 @@ import numpy as np
 from . import __version__
 from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
-from .calibration import ActivationRanges, collect_ranges, open_data, unranged_layers
-from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, QDeployError, StrictPolicyError
-from .fallback import (OBJECTIVES, Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions,
-                       resolve, summarize_precision)
+from .calibration import Dataset, collect_ranges, open_data
+from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, StrictPolicyError
+from .fallback import OBJECTIVES, Events, Resolution, initial_layer_precisions, resolve
 from .model import ModelHandle, load_model, random_inputs
+from .run import DeployContext, FallbackRun, moved_layers, needs_ranges
 from .plugins import Registry, get_registry
 from .profiles import Profile, detect_profile_name, load_profile_file, resolve_threads
 from .report import markdown_report
 from .sensitivity import compute as sensitivity_table
 from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
-from .verify import (batch_for, budget_output, check_budget, run_all, run_reference, side_by_side,
-                     verify_artifact)
+from .verify import Reference, batch_for, budget_output, check_budget, run_all, run_reference, side_by_side
 
 Echo = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
 log = logging.getLogger("qdeploy")
 
 
@@ -35,7 +35,8 @@ def _log_echo(line: str) -> None:
     """The Python API's default ``echo``: each console line of the CLI as a ``qdeploy`` log record (warnings at
     WARNING, the rest at INFO), so library callers configure it with :mod:`logging`."""
     log.log(logging.WARNING if line.startswith("warning") else logging.INFO, "%s", line)
-Progress = Callable[[str, int, int], None]
+
+
 WARMUP_SAMPLES = 8
 
 
@@ -58,10 +59,6 @@ def _with_policy(spec: QuantSpec, policy: str | None) -> QuantSpec:
     return spec.replace(fallback=dataclasses.replace(spec.fallback, policy=policy))
 
 
-def _needs_ranges(spec: QuantSpec, model: ModelHandle) -> bool:
-    return spec.activations.mode == "static" and spec.uses_quantized and not model.prequantized
-
-
 def _resolutions(profile: Profile, registry: Registry, model: ModelHandle, spec: QuantSpec,
                  only: list[str] | None) -> list[Resolution]:
     entries = [t for t in profile.backends if not only or t.backend in only or t.label in only]
@@ -71,7 +68,7 @@ def _resolutions(profile: Profile, registry: Registry, model: ModelHandle, spec:
     out = []
     for t in entries:
         res = resolve(t, registry.backends, model.formats, spec, model.family)
-        if res.runnable:
+        if res.backend is not None and res.spec is not None:
             res.warnings += res.backend.advise(model, res.spec, t)
         out.append(res)
     return out
@@ -91,7 +88,7 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
             if res.runnable:
                 layers, _ = initial_layer_precisions(res, handle.layers)
                 layers = _check_translation(res, handle, layers)
-                if res.caps.verified_on == "simulated":  # the deploy records the same when the artifact is built
+                if res.caps and res.caps.verified_on == "simulated":  # as the deploy records when it builds it
                     res.note("BACKEND_UNAVAILABLE", f"the {res.target.backend} runtime is not available here"
                              f"{f' ({res.caps.reason})' if res.caps.reason else ''}: its artifact is built for the "
                              f"target and verified only by simulation")
@@ -125,17 +122,18 @@ def sensitivity(model: Any, target: str | Profile | None = None, spec: Any = Non
             raise NothingBuilt(f"no backend of profile {profile.name} can run this model here: nothing to measure "
                                f"(see `qdeploy check`)")
         rspec = res.spec
+        assert rspec is not None  # runnable
         layer_prec, _ = initial_layer_precisions(res, handle.layers)
         layers = [n for n, p in layer_prec.items() if p in QUANTIZED]
         if not layers:
             raise DataError(f"{res.target.label}: no layer is quantized under this spec: nothing to measure")
         calib_ds = open_data(calib, handle, "calibration", rspec.calibration)
-        if calib_ds is None and _needs_ranges(rspec, handle):
+        if calib_ds is None and needs_ranges(rspec, handle):
             raise DataError("static INT8 needs calibration data: pass --calib (a folder of .npy files or an .npz)")
         val_ds = open_data(val, handle, "validation")
         val_x = val_ds.arrays()[0] if val_ds else calib_ds.arrays()[0] if calib_ds else random_inputs(handle, 32)
         ranges = None
-        if _needs_ranges(rspec, handle):
+        if calib_ds is not None and needs_ranges(rspec, handle):
             echo(f"calibrating: {calib_ds.count} samples, {rspec.activations.method} observers")
             ranges = collect_ranges(handle, calib_ds, rspec.activations)
         out_name = budget_output(rspec.budget, [o.name for o in handle.outputs])
@@ -188,7 +186,7 @@ def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, ca
 
 def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> dict[str, str]:
     """What the backend would really build (its translation, nothing built): layers it moves are events."""
-    if not layers or res.spec is None:
+    if not layers or res.spec is None or res.backend is None:
         return layers
     try:
         plan = res.backend.translate(handle, res.spec, res.target, dict(layers))
@@ -201,7 +199,7 @@ def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> 
         res.spec = None
         return {}
     strict = res.spec.fallback.policy == "strict"
-    for name, want, got, why in _moved_layers(res, layers, plan):
+    for name, want, got, why in moved_layers(res, layers, plan):
         res.note("PRECISION_UNSUPPORTED", f"layer {name}: {why}; "
                  + (f"it would be built in {got} (refused: policy is strict)" if strict else f"built in {got}"),
                  layer=name, requested=want, resolved=got)
@@ -211,39 +209,32 @@ def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> 
     return dict(plan.layer_precisions)
 
 
-def _moved_layers(res: Resolution, asked: dict[str, str], plan: Any) -> list[tuple[str, str, str, str]]:
-    """``(layer, asked, built, why)`` for each layer the backend's plan builds in another precision."""
-    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
-    return [(name, want, got, reasons.get(name) or f"{res.target.backend} cannot build it in {want} here")
-            for name, want in asked.items() if (got := plan.layer_precisions.get(name, want)) != want]
-
-
-def _keep_unranged_float(plan: Any, ranges: ActivationRanges | None) -> None:
-    """Layers whose activations have no finite range stay float, whatever the backend (an event each)."""
-    for name, why in unranged_layers(plan.model.layers, plan.layer_precisions, ranges, QUANTIZED).items():
-        plan.layer_precisions[name] = "fp32"
-        if isinstance(plan.state, dict):
-            plan.state.setdefault("layer_reasons", {})[name] = why
-
-
-def _record_translation(res: Resolution, asked: dict[str, str], plan: Any, seen: set[tuple[str, str, str]],
-                        events: Events) -> None:
-    """A backend may build a layer in another precision than asked (a format limit): never silently. Each
-    change is a ``PRECISION_UNSUPPORTED`` event (once per layer and change); ``strict`` refuses it."""
-    for name, want, got, why in _moved_layers(res, asked, plan):
-        if (name, want, got) in seen:
-            continue
-        seen.add((name, want, got))
-        if res.spec is not None and res.spec.fallback.policy == "strict":
-            raise BackendError(f"layer {name}: {why}; it would be built in {got} (refused: policy is strict)",
-                               "PRECISION_UNSUPPORTED")
-        events.emit("PRECISION_UNSUPPORTED", res.target.label, f"layer {name}: {why}; built in {got}",
-                    layer=name, requested=want, resolved=got)
-
-
 def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpec, calib: Any, val: Any,
             staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
             progress: Progress | None, threads: int, objective: str = "latency") -> dict[str, Any]:
+    model = _intake(model_src, staging, input_shape, spec, echo)
+    resolutions = _resolutions(profile, registry, model, spec, only)
+    need_ranges = any(r.spec is not None and needs_ranges(r.spec, model) for r in resolutions)
+    calib_ds, val_x, val_y, val_source = _open_data(model, calib, val, echo, spec, need_ranges)
+    reference, out_name = _reference(registry, model, spec, val_x, val_y, val_source, threads)
+    events = Events(echo, registry.emit, warn=spec.fallback.policy == "warn")
+    ctx = DeployContext(model, calib_ds, reference, out_name, threads, work, events, echo, progress, objective)
+    try:
+        built = _run_entries(ctx, resolutions, staging, per_layer)
+    finally:
+        ctx.close()
+    _refuse_empty(built, spec, profile, events)
+    ref_lat, timing = _time_and_order(registry, staging, built, val_x, threads, echo)
+    samples = _samples(built, val_x, reference.outputs, out_name)
+    np.savez(staging / SAMPLES, **samples)
+    manifest = _manifest(model, spec, profile, calib, calib_ds, ctx, val_x, val_source, staging, ref_lat, timing,
+                         out_name, built, events)
+    _write_reports(staging, manifest)
+    return write_manifest(staging, manifest)
+
+
+def _intake(model_src: Any, staging: Path, input_shape: Any, spec: QuantSpec, echo: Echo) -> ModelHandle:
+    """Load the model into the bundle's FP32 reference and say what the intake changed."""
     model = load_model(model_src, staging / "reference.onnx", input_shape)
     for text in model.notes:
         echo(f"model: {text}")
@@ -252,196 +243,137 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
              f"runs it, refused with the reason where not; no calibration")
     for text in spec.unmatched_overrides({n: layer.op_type for n, layer in model.layers.items()}):
         echo(f"warning: spec {text}")
+    return model
+
+
+def _open_data(model: ModelHandle, calib: Any, val: Any, echo: Echo, spec: QuantSpec, need_ranges: bool
+               ) -> tuple[Dataset | None, dict[str, np.ndarray], np.ndarray | None, str]:
+    """Calibration data, and the validation inputs and labels (the calibration data or random inputs when no
+    validation data is given, with a warning), every sample checked."""
     calib_ds = open_data(calib, model, "calibration", spec.calibration)
     val_ds = open_data(val, model, "validation")
-    resolutions = _resolutions(profile, registry, model, spec, only)
-    if calib_ds is None and any(r.runnable and _needs_ranges(r.spec, model) for r in resolutions):
+    if calib_ds is None and need_ranges:
         raise DataError("static INT8 needs calibration data: pass --calib (a folder of .npy files or an .npz)")
     val_source = str(val) if val_ds else "calibration data" if calib_ds else "random inputs"
     if val_ds is None:
         echo("warning: no --val data; verifying on the calibration data" if calib_ds else
              "warning: no --val or --calib data; verifying on random inputs")
-    val_x, val_y = val_ds.arrays() if val_ds else calib_ds.arrays() if calib_ds else (random_inputs(model, 32), None)
-    out_names = [o.name for o in model.outputs]
-    out_name = budget_output(spec.budget, out_names)
+    if val_ds is not None:
+        val_x, val_y = val_ds.arrays()
+    elif calib_ds is not None:
+        val_x, val_y = calib_ds.arrays()
+    else:
+        val_x, val_y = random_inputs(model, 32), None
+    return calib_ds, val_x, val_y, val_source
+
+
+def _reference(registry: Registry, model: ModelHandle, spec: QuantSpec, val_x: dict[str, np.ndarray],
+               val_y: np.ndarray | None, val_source: str, threads: int) -> tuple[Reference, str]:
+    """The FP32 reference run every artifact is verified against; the budget must be computable and met by it."""
+    out_name = budget_output(spec.budget, [o.name for o in model.outputs])
     extra = registry.metrics
     if spec.budget.metric not in HIGHER_IS_BETTER and spec.budget.metric not in extra:
         raise DataError(f"budget.metric {spec.budget.metric!r} is neither built in nor registered by a plugin; "
                         f"registered: {', '.join(sorted(extra)) or 'none'}")
     reference = run_reference(model.onnx_path, val_x, val_y, threads=threads, extra=extra, label_output=out_name,
                               source=f"validation data {val_source}")
-    ref_out, ref_metrics = reference.outputs, reference.metrics
-    ref_budget = check_budget(spec.budget, ref_metrics[out_name], ref_metrics[out_name], out_name)  # computable?
+    own = reference.metrics[out_name]
+    ref_budget = check_budget(spec.budget, own, own, out_name)  # computable?
     if not ref_budget.passed:
         raise DataError(f"the FP32 reference itself misses the budget ({ref_budget.describe()}): no artifact can "
                         f"be verified against it; loosen budget.threshold or use a relative budget")
-
-    events = Events(echo, registry.emit, warn=spec.fallback.policy == "warn")
-    range_cache: dict[tuple, ActivationRanges] = {}
-    timers: list[OrtRunner] = []
-
-    def timer() -> OrtRunner:
-        """The FP32 reference each trial is timed against (one session for the whole deploy)."""
-        if not timers:
-            timers.append(OrtRunner(model.onnx_path, threads=threads))
-        return timers[0]
+    return reference, out_name
 
 
-    def ranges_for(s: QuantSpec) -> ActivationRanges | None:
-        if not _needs_ranges(s, model):
-            return None
-        key = (s.activations.method, s.activations.momentum, s.activations.percentile, s.activations.symmetric)
-        if key not in range_cache:
-            echo(f"calibrating: {calib_ds.count} samples, {s.activations.method} observers")
-            cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
-            found = range_cache[key] = collect_ranges(model, calib_ds, s.activations, cb)
-            for tensor, why in found.nonfinite.items():
-                echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
-        return range_cache[key]
-
+def _run_entries(ctx: DeployContext, resolutions: list[Resolution], staging: Path,
+                 per_layer: bool) -> list[dict[str, Any]]:
+    """Each profile entry in order: its resolution's events, then its fallback run; the artifacts kept."""
     built: list[dict[str, Any]] = []
-    strict_failure: str | None = None
     for res in resolutions:
-        if res.runnable:
-            layer_prec, pinned = initial_layer_precisions(res, model.layers)
-        res.emit_all(events)
+        run = FallbackRun(ctx, res) if res.runnable else None  # may add resolution events (layer overrides)
+        res.emit_all(ctx.events)
         for w in res.warnings:
-            echo(f"warning: {res.target.label}: {w}")
+            ctx.echo(f"warning: {res.target.label}: {w}")
         for line in res.info:
-            echo(f"{res.target.label}: {line}")
-        if not res.runnable:
+            ctx.echo(f"{res.target.label}: {line}")
+        if run is None or not res.runnable:
             continue
-        label, rspec, backend = res.target.label, res.spec, res.backend
-        ranges = ranges_for(rspec)
-        sensitivity: dict[str, float] = {}
-        worst: list[int] = []  # the samples the ranking measured on
-        costs: dict[str, float] = {}
-        changed: set[tuple[str, str, str]] = set()
-
-        def build_and_verify(lp: dict[str, str], i: int) -> Trial:
-            stage = "build"
-            try:
-                plan = backend.translate(model, rspec, res.target, lp)
-                plan = backend.calibrate(plan, ranges, calib_ds)
-                _keep_unranged_float(plan, ranges)
-                _record_translation(res, lp, plan, changed, events)
-                art = backend.build(plan, work / f"{label.replace(':', '-')}-{i}")
-                stage = "load"
-                runner = backend.runner(art.path, {**art.meta, "threads": threads})
-                stage = "run"
-                try:
-                    v = verify_artifact(runner, reference, rspec.budget, out_name,
-                                        where={"kind": res.caps.verified_on, **(art.meta.get("verified_on") or {})})
-                    speed = None if runner.simulated else side_by_side(
-                        {"ref": timer(), "art": runner}, val_x, rounds=10, budget_s=1.0, reference="ref",
-                        warmup=1)["art"].vs_reference
-                finally:
-                    runner.close()
-            except QDeployError:
-                raise
-            except Exception as exc:
-                code, msg = failure_event(exc, stage)
-                raise BackendError(msg, code) from exc
-            budget = v.budget
-            if progress:
-                progress(f"verify {label}", i + 1, i + 1)
-            echo(f"{label}: trial {i}: {summarize_precision(art.layer_precisions)}: {budget.describe()} -> "
-                 f"{'pass' if budget.passed else 'below budget'}")
-            return Trial(art, dict(v.metrics), budget, dict(v.outputs), speed, path_size(art.path), v)
-
-        def score(names: list[str]) -> dict[str, tuple[float, float]]:
-            """Each layer's predicted output noise when quantized (from its simulated SQNR alone) and the cost
-            of promoting it (its float weight bytes), for the search."""
-            if res.ladder[0] not in QUANTIZED:
-                return {n: (1.0, 1.0) for n in names}
-            if not sensitivity:
-                cb = (lambda d, n: progress(f"sensitivity {label}", d, n)) if progress else None
-                table = sensitivity_table(model, rspec, ranges, names, val_x, ref_out[out_name], out_name,
-                                          res.ladder[0], progress=cb, threads=threads)
-                echo(f"{label}: ranked {len(names)} layers by sensitivity on the {table.samples} samples "
-                     f"quantization hurts most ({'from the cache' if table.cached else f'{table.seconds:.0f} s'})")
-                sensitivity.update({r.layer: r.sqnr_only_quantized for r in table.rows.values()})
-                costs.update({r.layer: float(r.cost_bytes) for r in table.rows.values()})
-                worst[:] = table.worst
-            return {n: (10 ** (-sensitivity[n] / 10) if n in sensitivity else 0.0, costs.get(n, 0.0)) for n in names}
-
-        def helps(layer: str, old: str, new: str) -> tuple[bool, str]:
-            """Between two quantized types: does ``new`` damage the output less than ``old`` when only this
-            layer is quantized (the ranking's simulation, on the ranking's samples)? For promoted layers only."""
-            if old != res.ladder[0] or layer not in sensitivity or not worst:
-                return True, ""
-            there = sensitivity_table(model, rspec, ranges, [layer], val_x, ref_out[out_name], out_name, new,
-                                      threads=threads, worst=worst).rows[layer].sqnr_only_quantized
-            here = sensitivity[layer]
-            return there > here, (f"simulated output SQNR {there:.1f} dB with only this layer in {new}, "
-                                  f"{here:.1f} dB in {old}")
-
-        try:
-            best, trials = accuracy_loop(res, build_and_verify, layer_prec, pinned, score, events, helps, objective)
-        except BackendError as exc:
-            events.emit(exc.code, label, str(exc))
-            if rspec.fallback.policy == "strict":
-                raise StrictPolicyError(f"{label}: [{exc.code}] {exc}; policy is strict: no fallback to the next "
-                                        f"backend") from None
+        best = run.run(per_layer)
+        if best is None:
             continue
-        for code, message in best.artifact.events:
-            events.emit(code, label, message)
-        if not best.budget.passed and rspec.fallback.policy == "strict":
-            strict_failure = f"{label}: {best.budget.describe()}"
-            break
-        if per_layer and not sensitivity and res.ladder[0] in QUANTIZED:
-            score([n for n, p in best.artifact.layer_precisions.items() if p == res.ladder[0]])
-        built.append(_record(res, best, trials, sensitivity, staging, objective))
-    for t in timers:
-        t.close()
-    if strict_failure:
-        raise BudgetNotMet(f"accuracy budget not met and policy is strict: {strict_failure}")
-    if not built:
-        if spec.fallback.policy == "strict":  # every entry refused or failed, and strict moves on to nothing
-            raise StrictPolicyError(f"policy is strict and no backend of profile {profile.name} can build this "
-                                    f"model as specified here (the events above say why)")
-        why = "; ".join(f"{e['target']}: [{e['code']}] {e['message']}" for e in events.items)
-        raise NothingBuilt(f"no backend of profile {profile.name} could build this model here ({why})")
-    ref_path = staging / "reference.onnx"
+        if not best.budget.passed and run.strict:
+            raise BudgetNotMet(f"accuracy budget not met and policy is strict: {run.label}: "
+                               f"{best.budget.describe()}")
+        built.append(run.record(best, staging))
+    return built
+
+
+def _refuse_empty(built: list[dict[str, Any]], spec: QuantSpec, profile: Profile, events: Events) -> None:
+    if built:
+        return
+    if spec.fallback.policy == "strict":  # every entry refused or failed, and strict moves on to nothing
+        raise StrictPolicyError(f"policy is strict and no backend of profile {profile.name} can build this "
+                                f"model as specified here (the events above say why)")
+    why = "; ".join(f"{e['target']}: [{e['code']}] {e['message']}" for e in events.items)
+    raise NothingBuilt(f"no backend of profile {profile.name} could build this model here ({why})")
+
+
+def _time_and_order(registry: Registry, staging: Path, built: list[dict[str, Any]], val_x: dict[str, np.ndarray],
+                    threads: int, echo: Echo) -> tuple[float, dict[str, Any]]:
+    """Time every artifact against the reference side by side, then order the serving chain: artifacts that met
+    the budget first -- among them, those with no latency here (simulated: their runtime is not on this host, and
+    they serve only where it is) keep the profile's preference, then the measured ones, fastest first (profile
+    order breaks ties) -- and last the ones that missed it."""
     echo(f"timing: the FP32 reference and {len(built)} artifact(s) side by side, {threads} thread(s) each")
-    ref_lat, timing = _time_side_by_side(registry, ref_path, staging, built, val_x, threads)
-    # the serving chain: artifacts that met the budget first. Among them, those with no latency here (simulated:
-    # their runtime is not on this host, and they serve only where it is) keep the profile's preference; then
-    # the measured ones, fastest first (profile order breaks ties). Last, the ones that missed the budget.
+    ref_lat, timing = _time_side_by_side(registry, staging / "reference.onnx", staging, built, val_x, threads)
     order = {id(a): i for i, a in enumerate(built)}
     built.sort(key=lambda a: (not a["budget"]["passed"],
                               0.0 if not a["budget"]["passed"] or a["latency_ms"] is None else a["latency_ms"],
                               order[id(a)]))
+    ref_size = path_size(staging / "reference.onnx")
     for i, a in enumerate(built):
         a["chain_reason"] = _chain_reason(a, i, built)
-    ref_size = path_size(ref_path)
-    for a in built:
         a["size_vs_fp32"] = a["size_bytes"] / ref_size
-    samples = {f"input:{k}": v[:WARMUP_SAMPLES] for k, v in val_x.items()}
+    return ref_lat, timing
+
+
+def _samples(built: list[dict[str, Any]], val_x: dict[str, np.ndarray], ref_out: Any,
+             out_name: str) -> dict[str, Any]:
+    """Warm-up samples: the first inputs, the reference's and each artifact's outputs on them; and each
+    artifact's per-sample error distribution (the full outputs are dropped here)."""
+    samples: dict[str, Any] = {f"input:{k}": v[:WARMUP_SAMPLES] for k, v in val_x.items()}
     samples.update({f"reference:{k}": v[:WARMUP_SAMPLES] for k, v in ref_out.items()})
     for a in built:
         outs = a.pop("_outputs")
         a["error_per_sample"] = _error_histogram(ref_out[out_name], outs[out_name])
         samples.update({f"{a['id']}:{k}": v[:WARMUP_SAMPLES] for k, v in outs.items()})
-    np.savez(staging / SAMPLES, **samples)
-    manifest = {
+    return samples
+
+
+def _manifest(model: ModelHandle, spec: QuantSpec, profile: Profile, calib: Any, calib_ds: Dataset | None,
+              ctx: DeployContext, val_x: dict[str, np.ndarray], val_source: str, staging: Path, ref_lat: float,
+              timing: dict[str, Any], out_name: str, built: list[dict[str, Any]], events: Events) -> dict[str, Any]:
+    ref_path = staging / "reference.onnx"
+    return {
         "qdeploy_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": model.describe(), "spec": spec.to_dict(),
         "profile": {"name": profile.name, "sha256": profile.sha256, "data": profile.to_dict()},
         "calibration": {"samples": calib_ds.count if calib_ds else 0, "method": spec.activations.method,
-                        "nonfinite": {t: why for r in range_cache.values() for t, why in r.nonfinite.items()},
+                        "nonfinite": {t: why for r in ctx.range_cache.values() for t, why in r.nonfinite.items()},
                         "source": str(calib) if isinstance(calib, (str, Path)) else "python"},
         "validation": {"samples": len(next(iter(val_x.values()))), "source": val_source},
-        "reference": {"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": ref_size,
-                      "latency_ms": ref_lat, "metrics": ref_metrics[out_name]},
+        "reference": {"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": path_size(ref_path),
+                      "latency_ms": ref_lat, "metrics": dict(ctx.reference.metrics[out_name])},
         "latency_measured_on": {**_latency_host(val_x), **timing},
         "budget_output": out_name, "artifacts": built, "events": events.items, "samples": SAMPLES,
     }
-    (staging / "report.md").write_text(markdown_report(manifest))
+
+
+def _write_reports(staging: Path, manifest: dict[str, Any]) -> None:
     from .htmlreport import html_report
 
+    (staging / "report.md").write_text(markdown_report(manifest))
     (staging / "report.html").write_text(html_report(manifest))
-    return write_manifest(staging, manifest)
 
 
 def _latency_host(val_x: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -474,7 +406,7 @@ def _time_side_by_side(registry: Registry, ref_path: Path, staging: Path, built:
     try:
         for a in built:
             a["latency_ms"] = a["latency_vs_fp32"] = None
-            backend = registry.backends.get(a["backend"])
+            backend = registry.backends[a["backend"]]  # it built this artifact in this process
             runner = backend.runner(staging / a["path"], {**a["meta"], "threads": threads})
             if runner.simulated:
                 runner.close()
@@ -515,23 +447,3 @@ def _chain_reason(art: dict[str, Any], i: int, chain: list[dict[str, Any]]) -> s
     faster = [a["id"] for a in chain[:i] if a["budget"]["passed"] and a["latency_ms"] is not None]
     return (f"met its budget; {art['latency_ms']:.3g} ms per batch measured side by side: "
             + ("the fastest" if not faster else f"after {', '.join(faster)} (faster)"))
-
-
-def _record(res: Resolution, trial: Trial, trials: list[Trial], sensitivity: dict[str, float],
-            staging: Path, objective: str) -> dict[str, Any]:
-    art = trial.artifact
-    precision = summarize_precision(art.layer_precisions) if art.layer_precisions else art.precision
-    ident = f"{res.target.label.replace(':', '-')}-{precision.replace('mixed ', 'mixed-').replace('/', '-')}"
-    dest = staging / "artifacts" / (ident + (art.path.suffix if art.path.is_file() else ""))
-    dest.parent.mkdir(exist_ok=True)
-    shutil.move(str(art.path), dest)
-    return {"id": ident, "backend": res.target.backend, "target": res.target.label, "precision": precision,
-            "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest), "size_bytes": path_size(dest),
-            "latency_ms": None, "latency_vs_fp32": None,
-            **trial.verification.as_record(),
-            "layer_precisions": art.layer_precisions, "spec": res.spec.to_dict(), "meta": art.meta,
-            "trials": len(trials), "sensitivity": sensitivity, "_outputs": trial.outputs,
-            "front": {"objective": objective, "chosen": trials.index(trial),
-                      "points": [t.point(i, res.ladder[0]) for i, t in enumerate(trials)],
-                      "note": "every verified configuration of this entry; latency_vs_fp32 from a short "
-                              "side-by-side timing per trial (the artifact's own figure comes from the final one)"}}

@@ -360,7 +360,7 @@ def _coerce(hint: Any, value: Any, name: str, choices: tuple | None) -> Any:
     origin = typing.get_origin(hint)
     if hint is Granularity or (origin is Union and PerTensor in typing.get_args(hint)):
         return _granularity(value, name)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, name)
     if origin is Union:  # a switch or a table (the transforms): its dataclass's __post_init__ checks the value
         return value

@@ -1,0 +1,242 @@
+"""One backend entry's fallback run, and what the entries of a deploy share.
+
+:class:`DeployContext` holds what every entry of one deploy shares: the model, the calibration data and the
+ranges it gave (calibrated once per observer setting), the FP32 reference run, the console and the event log.
+:class:`FallbackRun` owns build -> verify -> rank -> promote for one profile entry, with the fallback policy
+decided here: a backend only builds what it is asked and reports what it actually built (its artifact's
+``layer_precisions``, and ``plan.state["layer_reasons"]`` for layers it moved); it never reads the policy.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend, Capabilities, OrtRunner, Plan
+from .bundle import path_sha256, path_size
+from .calibration import ActivationRanges, Dataset, collect_ranges, unranged_layers
+from .errors import BackendError, QDeployError, StrictPolicyError
+from .fallback import Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions
+from .model import ModelHandle
+from .sensitivity import compute as sensitivity_table
+from .spec import QUANTIZED, QuantSpec, summarize_precision
+from .verify import Reference, side_by_side, verify_artifact
+
+Echo = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
+
+
+def needs_ranges(spec: QuantSpec, model: ModelHandle) -> bool:
+    """Static INT8 of a model that is not already quantized needs calibrated activation ranges."""
+    return spec.activations.mode == "static" and spec.uses_quantized and not model.prequantized
+
+
+def moved_layers(res: Resolution, asked: dict[str, str], plan: Plan) -> list[tuple[str, str, str, str]]:
+    """``(layer, asked, built, why)`` for each layer the backend's plan builds in another precision."""
+    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
+    return [(name, want, got, reasons.get(name) or f"{res.target.backend} cannot build it in {want} here")
+            for name, want in asked.items() if (got := plan.layer_precisions.get(name, want)) != want]
+
+
+@dataclass
+class DeployContext:
+    """What every entry of one deploy shares."""
+
+    model: ModelHandle
+    calib: Dataset | None
+    reference: Reference
+    out_name: str
+    threads: int
+    work: Path
+    events: Events
+    echo: Echo
+    progress: Progress | None = None
+    objective: str = "latency"
+    range_cache: dict[tuple, ActivationRanges] = field(default_factory=dict)
+    _timer: OrtRunner | None = None
+
+    @property
+    def val_x(self) -> dict[str, np.ndarray]:
+        return dict(self.reference.inputs)
+
+    def ranges_for(self, spec: QuantSpec) -> ActivationRanges | None:
+        """The calibrated ranges a spec needs (None when it needs none), computed once per observer setting."""
+        if not needs_ranges(spec, self.model):
+            return None
+        assert self.calib is not None  # the deploy refused static INT8 without calibration data
+        a = spec.activations
+        key = (a.method, a.momentum, a.percentile, a.symmetric)
+        if key not in self.range_cache:
+            self.echo(f"calibrating: {self.calib.count} samples, {a.method} observers")
+            progress = self.progress
+            cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
+            found = self.range_cache[key] = collect_ranges(self.model, self.calib, a, cb)
+            for tensor, why in found.nonfinite.items():
+                self.echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
+        return self.range_cache[key]
+
+    def timer(self) -> OrtRunner:
+        """The FP32 reference each trial is timed against (one session for the whole deploy)."""
+        if self._timer is None:
+            self._timer = OrtRunner(self.model.onnx_path, threads=self.threads)
+        return self._timer
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+
+class FallbackRun:
+    """build -> verify -> rank -> promote for one runnable profile entry (see the module's doc)."""
+
+    def __init__(self, ctx: DeployContext, res: Resolution) -> None:
+        assert res.backend is not None and res.caps is not None and res.spec is not None, "a runnable entry"
+        self.ctx, self.res = ctx, res
+        self.backend: Backend = res.backend
+        self.caps: Capabilities = res.caps
+        self.spec: QuantSpec = res.spec
+        self.label = res.target.label
+        self.strict = self.spec.fallback.policy == "strict"
+        # each layer's starting precision: an override the device cannot run is a resolution event (refused, and
+        # the entry not runnable, under strict)
+        self.layer_prec, self.pinned = initial_layer_precisions(res, ctx.model.layers)
+        self.ranges: ActivationRanges | None = None
+        self.sensitivity: dict[str, float] = {}
+        self.costs: dict[str, float] = {}
+        self.worst: list[int] = []  # the samples the ranking measured on
+        self.changed: set[tuple[str, str, str]] = set()
+        self.trials: list[Trial] = []
+
+    # ------------------------------------------------------------------ the steps the search drives
+    def build_and_verify(self, layer_precisions: dict[str, str], i: int) -> Trial:
+        """Translate, calibrate, build and verify one configuration (trial ``i``)."""
+        ctx, backend = self.ctx, self.backend
+        stage = "build"
+        try:
+            plan = backend.translate(ctx.model, self.spec, self.res.target, layer_precisions)
+            plan = backend.calibrate(plan, self.ranges, ctx.calib)
+            self._keep_unranged_float(plan)
+            self._record_translation(layer_precisions, plan)
+            art = backend.build(plan, ctx.work / f"{self.label.replace(':', '-')}-{i}")
+            stage = "load"
+            runner = backend.runner(art.path, {**art.meta, "threads": ctx.threads})
+            stage = "run"
+            try:
+                v = verify_artifact(runner, ctx.reference, self.spec.budget, ctx.out_name,
+                                    where={"kind": self.caps.verified_on, **(art.meta.get("verified_on") or {})})
+                speed = None if runner.simulated else side_by_side(
+                    {"ref": ctx.timer(), "art": runner}, ctx.reference.inputs, rounds=10, budget_s=1.0,
+                    reference="ref", warmup=1)["art"].vs_reference
+            finally:
+                runner.close()
+        except QDeployError:
+            raise
+        except Exception as exc:
+            code, msg = failure_event(exc, stage)
+            raise BackendError(msg, code) from exc
+        if ctx.progress:
+            ctx.progress(f"verify {self.label}", i + 1, i + 1)
+        ctx.echo(f"{self.label}: trial {i}: {summarize_precision(art.layer_precisions)}: {v.budget.describe()} -> "
+                 f"{'pass' if v.budget.passed else 'below budget'}")
+        return Trial(art, v.metrics, v.budget, dict(v.outputs), speed, path_size(art.path), v)
+
+    def score(self, names: list[str]) -> dict[str, tuple[float, float]]:
+        """Each layer's predicted output noise when quantized (from its simulated SQNR alone) and the cost of
+        promoting it (its float weight bytes), for the search."""
+        ctx, base = self.ctx, self.res.ladder[0]
+        if base not in QUANTIZED:
+            return {n: (1.0, 1.0) for n in names}
+        if not self.sensitivity:
+            progress = ctx.progress
+            cb = (lambda d, n: progress(f"sensitivity {self.label}", d, n)) if progress else None
+            table = sensitivity_table(ctx.model, self.spec, self.ranges, names, ctx.reference.inputs,
+                                      ctx.reference.outputs[ctx.out_name], ctx.out_name, base, progress=cb,
+                                      threads=ctx.threads)
+            ctx.echo(f"{self.label}: ranked {len(names)} layers by sensitivity on the {table.samples} samples "
+                     f"quantization hurts most ({'from the cache' if table.cached else f'{table.seconds:.0f} s'})")
+            self.sensitivity.update({r.layer: r.sqnr_only_quantized for r in table.rows.values()})
+            self.costs.update({r.layer: float(r.cost_bytes) for r in table.rows.values()})
+            self.worst[:] = table.worst
+        return {n: (10 ** (-self.sensitivity[n] / 10) if n in self.sensitivity else 0.0, self.costs.get(n, 0.0))
+                for n in names}
+
+    def helps(self, layer: str, old: str, new: str) -> tuple[bool, str]:
+        """Between two quantized types: does ``new`` damage the output less than ``old`` when only this layer is
+        quantized (the ranking's simulation, on the ranking's samples)? For promoted layers only."""
+        if old != self.res.ladder[0] or layer not in self.sensitivity or not self.worst:
+            return True, ""
+        ctx = self.ctx
+        there = sensitivity_table(ctx.model, self.spec, self.ranges, [layer], ctx.reference.inputs,
+                                  ctx.reference.outputs[ctx.out_name], ctx.out_name, new, threads=ctx.threads,
+                                  worst=self.worst).rows[layer].sqnr_only_quantized
+        here = self.sensitivity[layer]
+        return there > here, (f"simulated output SQNR {there:.1f} dB with only this layer in {new}, "
+                              f"{here:.1f} dB in {old}")
+
+    # ------------------------------------------------------------------ the run
+    def run(self, per_layer: bool = False) -> Trial | None:
+        """The search for this entry; the trial to keep, or None when the entry failed (an event says why; the
+        chain moves on). Raises :class:`StrictPolicyError` when it failed under ``strict``; a kept trial that
+        misses the budget under ``strict`` is the caller's to refuse (the budget is a deploy-wide verdict)."""
+        self.ranges = self.ctx.ranges_for(self.spec)
+        try:
+            best, self.trials = accuracy_loop(self.res, self.build_and_verify, self.layer_prec, self.pinned, self.score,
+                                              self.ctx.events, self.helps, self.ctx.objective)
+        except BackendError as exc:
+            self.ctx.events.emit(exc.code, self.label, str(exc))
+            if self.strict:
+                raise StrictPolicyError(f"{self.label}: [{exc.code}] {exc}; policy is strict: no fallback to the "
+                                        f"next backend") from None
+            return None
+        for code, message in best.artifact.events:
+            self.ctx.events.emit(code, self.label, message)
+        if per_layer and not self.sensitivity and self.res.ladder[0] in QUANTIZED:
+            self.score([n for n, p in best.artifact.layer_precisions.items() if p == self.res.ladder[0]])
+        return best
+
+    def record(self, trial: Trial, staging: Path) -> dict[str, Any]:
+        """Move the kept artifact into the bundle and describe it for the manifest."""
+        art = trial.artifact
+        precision = summarize_precision(art.layer_precisions) if art.layer_precisions else art.precision
+        ident = f"{self.label.replace(':', '-')}-{precision.replace('mixed ', 'mixed-').replace('/', '-')}"
+        dest = staging / "artifacts" / (ident + (art.path.suffix if art.path.is_file() else ""))
+        dest.parent.mkdir(exist_ok=True)
+        shutil.move(str(art.path), dest)
+        trials = self.trials or [trial]
+        return {"id": ident, "backend": self.res.target.backend, "target": self.label, "precision": precision,
+                "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest),
+                "size_bytes": path_size(dest), "latency_ms": None, "latency_vs_fp32": None,
+                **trial.verification.as_record(),
+                "layer_precisions": art.layer_precisions, "spec": self.spec.to_dict(), "meta": art.meta,
+                "trials": len(trials), "sensitivity": self.sensitivity, "_outputs": trial.outputs,
+                "front": {"objective": self.ctx.objective, "chosen": trials.index(trial),
+                          "points": [t.point(i, self.res.ladder[0]) for i, t in enumerate(trials)],
+                          "note": "every verified configuration of this entry; latency_vs_fp32 from a short "
+                                  "side-by-side timing per trial (the artifact's own figure comes from the final "
+                                  "one)"}}
+
+    # ------------------------------------------------------------------ what the backend built
+    def _keep_unranged_float(self, plan: Plan) -> None:
+        """Layers whose activations have no finite range stay float, whatever the backend (an event each)."""
+        for name, why in unranged_layers(plan.model.layers, plan.layer_precisions, self.ranges, QUANTIZED).items():
+            plan.layer_precisions[name] = "fp32"
+            if isinstance(plan.state, dict):
+                plan.state.setdefault("layer_reasons", {})[name] = why
+
+    def _record_translation(self, asked: dict[str, str], plan: Plan) -> None:
+        """A backend may build a layer in another precision than asked (a format limit): never silently. Each
+        change is a ``PRECISION_UNSUPPORTED`` event (once per layer and change); ``strict`` refuses it."""
+        for name, want, got, why in moved_layers(self.res, asked, plan):
+            if (name, want, got) in self.changed:
+                continue
+            self.changed.add((name, want, got))
+            if self.strict:
+                raise BackendError(f"layer {name}: {why}; it would be built in {got} (refused: policy is strict)",
+                                   "PRECISION_UNSUPPORTED")
+            self.ctx.events.emit("PRECISION_UNSUPPORTED", self.label, f"layer {name}: {why}; built in {got}",
+                                 layer=name, requested=want, resolved=got)
