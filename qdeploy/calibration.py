@@ -87,6 +87,20 @@ class Dataset:
         if buf_x:
             yield _merge(buf_x, buf_y)
 
+    def digest(self) -> str:
+        """sha256 of the samples used (inputs and labels, in order): what a cache of results computed from this
+        data is keyed by."""
+        import hashlib
+
+        h = hashlib.sha256(str(self.limit).encode())
+        for x, y in self.batches():
+            for k in sorted(x):
+                h.update(k.encode() + str((x[k].dtype, x[k].shape[1:])).encode())
+                h.update(np.ascontiguousarray(x[k]).tobytes())
+            if y is not None:
+                h.update(np.ascontiguousarray(y).tobytes())
+        return h.hexdigest()
+
     def arrays(self) -> Batch:
         """All samples at once (for validation sets, which are small)."""
         parts = list(self.batches(max(self.count, 1)))  # one part: in-memory data comes back uncopied

@@ -61,6 +61,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from .pipeline import deploy
     from .report import events_text, summary_rows, text_table
 
+    if args.targets_file or "," in (args.target or ""):
+        return _deploy_fanout(args)
+
     bundle = deploy(args.model, target=args.target, spec=args.spec, calib=args.calib, val=args.val,
                     output=args.output, input_shape=args.input_shape, backends=args.backend, policy=args.policy,
                     per_layer=args.per_layer, echo=_echo, progress=_Bar(), threads=args.threads,
@@ -104,6 +107,21 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise QDeployError(f"cannot write {out}: {exc.strerror or exc}; choose a writable -o path") from None
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.csv')}")
     return 0
+
+
+def _deploy_fanout(args: argparse.Namespace) -> int:
+    from .fanout import deploy_many, parse_targets
+
+    targets = parse_targets(args.target if args.target != "detect" or not args.targets_file else "",
+                            args.targets_file)
+    result = deploy_many(args.model, targets, args.output, spec=args.spec, calib=args.calib, val=args.val,
+                         input_shape=args.input_shape, backends=args.backend, policy=args.policy,
+                         threads=args.threads, objective=args.objective, ray_address=args.ray_address,
+                         use_ray=False if args.no_ray else None, echo=_echo)
+    ok = sum(1 for t in result.index["targets"] if t["exit_code"] == 0)
+    print(f"\nqdeploy {__version__}: {len(targets)} targets -> {args.output} ({ok} bundles, "
+          f"{result.index['mode']}, {result.index['wall_s']:.0f} s); index: {args.output}/index.json")
+    return result.exit_code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -325,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("model", help="model.onnx, model.pt2, file.py:factory or package.module:attr")
-        sp.add_argument("--target", "-t", default="detect", help="hardware profile name or .toml (default: detect)")
+        sp.add_argument("--target", "-t", default="detect", help="hardware profile name or .toml (default: detect); "
+                        "deploy takes several, comma separated (a fan-out)")
         sp.add_argument("--spec", "-s", help="quantization spec (.toml/.yaml/.json); default: INT8 static")
         sp.add_argument("--input-shape", help="input shape with batch, e.g. 1x3x32x32 (PyTorch models)")
         sp.add_argument("--backend", "-b", action="append", help="only these backends of the profile (repeatable)")
@@ -337,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val", help="validation data (labels under 'y' for top-1 accuracy)")
     d.add_argument("--output", "-o", default="bundle", help="bundle folder (default: bundle)")
     d.add_argument("--per-layer", action="store_true", help="add per-layer sensitivity to the report")
+    d.add_argument("--targets-file", help="fan out: one profile per line (or a TOML/JSON list under 'targets'); "
+                   "each target's bundle goes to OUTPUT/<target>/, OUTPUT/index.json lists them")
+    d.add_argument("--ray-address", help="fan out on this Ray cluster (default: a local Ray with this machine's cores)")
+    d.add_argument("--no-ray", action="store_true", help="fan out one target after another, even with Ray installed")
     d.add_argument("--objective", choices=("latency", "size", "accuracy"), default="latency",
                    help="which verified configuration each backend keeps among those that meet the budget: the "
                    "fastest (default), the smallest or the most accurate")

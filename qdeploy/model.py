@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -441,6 +443,16 @@ def _from_torch(module: Any, source: str, reference_path: Path, shape: tuple[int
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; check "
                          f"--input-shape") from None
     reference_path.parent.mkdir(parents=True, exist_ok=True)
+    cached = _export_cache_file(module, shape)
+    if cached is not None and cached.is_file():  # exported before (a fan-out's other targets, a rerun)
+        try:
+            out = _finish(onnx.load(str(cached)), reference_path, source, "torch", "", module)
+            out.sha256 = sha256_file(reference_path)
+            out.torch_module = module
+            out.notes.append("ONNX export reused from the cache (same weights, code and input shape)")
+            return out
+        except Exception:  # noqa: BLE001 - a damaged cache entry is exported again
+            cached.unlink(missing_ok=True)
     tmp = reference_path.with_suffix(".export.onnx")
     try:
         with quiet("torch.onnx", "torch.export"):
@@ -449,6 +461,12 @@ def _from_torch(module: Any, source: str, reference_path: Path, shape: tuple[int
             torch.onnx.export(module, (example,), str(tmp), dynamo=True, input_names=["input"], output_names=names,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
         proto = onnx.load(str(tmp))
+        if cached is not None:
+            with contextlib.suppress(OSError):
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                part = cached.with_suffix(f".tmp{os.getpid()}")
+                onnx.save(proto, str(part))
+                part.replace(cached)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot export {source} to ONNX: {msg}") from None
@@ -459,6 +477,28 @@ def _from_torch(module: Any, source: str, reference_path: Path, shape: tuple[int
     out.sha256 = sha256_file(reference_path)
     out.torch_module = module
     return out
+
+
+def _export_cache_file(module: Any, shape: tuple[int, ...]) -> Path | None:
+    """Where the ONNX export of ``module`` at ``shape`` is cached: keyed by its weights, its class's source code
+    and structure, the sample shape and the torch version (None when the module cannot be fingerprinted)."""
+    import inspect
+
+    import torch
+
+    try:
+        h = hashlib.sha256(json.dumps([torch.__version__, list(shape[1:]), repr(module),
+                                       hashlib.sha256(Path(__file__).read_bytes()).hexdigest()]).encode())
+        with contextlib.suppress(OSError, TypeError):
+            h.update(inspect.getsource(type(module)).encode())
+        for name, t in module.state_dict().items():
+            h.update(name.encode() + str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    except Exception:  # noqa: BLE001 - a module that cannot be fingerprinted is exported every time
+        return None
+    from .sensitivity import cache_dir
+
+    return cache_dir() / "exports" / f"{h.hexdigest()[:32]}.onnx"
 
 
 def random_inputs(model: ModelHandle, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:

@@ -42,6 +42,50 @@ def moved_layers(res: Resolution, asked: dict[str, str], plan: Plan) -> list[tup
             for name, want in asked.items() if (got := plan.layer_precisions.get(name, want)) != want]
 
 
+def _ranges_file(model: ModelHandle, data: Dataset, spec: QuantSpec) -> Path:
+    import hashlib
+    import json
+
+    from . import __version__
+    from .sensitivity import cache_dir
+
+    from . import calibration
+
+    a = spec.activations
+    code = hashlib.sha256(Path(calibration.__file__).read_bytes()).hexdigest()  # new observers: new ranges
+    key = hashlib.sha256(json.dumps([__version__, code, model.sha256, data.digest(), a.method, a.momentum,
+                                     a.percentile, a.symmetric]).encode()).hexdigest()[:32]
+    return cache_dir() / "ranges" / f"{key}.json"
+
+
+def load_cached_ranges(model: ModelHandle, data: Dataset, spec: QuantSpec) -> ActivationRanges | None:
+    """Ranges computed before from this model, these samples and these observers (``QDEPLOY_CACHE``): many
+    targets of one model share one calibration."""
+    import json
+
+    try:
+        d = json.loads(_ranges_file(model, data, spec).read_text())
+        return ActivationRanges(d["method"], {k: (float(v[0]), float(v[1])) for k, v in d["ranges"].items()},
+                                int(d["samples"]), dict(d["nonfinite"]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def save_cached_ranges(model: ModelHandle, data: Dataset, spec: QuantSpec, ranges: ActivationRanges) -> None:
+    import json
+    import os
+
+    file = _ranges_file(model, data, spec)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"method": ranges.method, "ranges": ranges.ranges, "samples": ranges.samples,
+                                   "nonfinite": ranges.nonfinite}))
+        tmp.replace(file)
+    except OSError:  # a read-only cache costs the reuse, never the deploy
+        pass
+
+
 @dataclass
 class DeployContext:
     """What every entry of one deploy shares."""
@@ -57,6 +101,7 @@ class DeployContext:
     progress: Progress | None = None
     objective: str = "latency"
     range_cache: dict[tuple, ActivationRanges] = field(default_factory=dict)
+    ranges_cached: bool = False
     _timer: OrtRunner | None = None
 
     @property
@@ -71,10 +116,17 @@ class DeployContext:
         a = spec.activations
         key = (a.method, a.momentum, a.percentile, a.symmetric)
         if key not in self.range_cache:
-            self.echo(f"calibrating: {self.calib.count} samples, {a.method} observers")
-            progress = self.progress
-            cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
-            found = self.range_cache[key] = collect_ranges(self.model, self.calib, a, cb)
+            found = load_cached_ranges(self.model, self.calib, spec)
+            if found is not None:
+                self.echo(f"calibration: {a.method} ranges of these {self.calib.count} samples from the cache")
+                self.ranges_cached = True
+            else:
+                self.echo(f"calibrating: {self.calib.count} samples, {a.method} observers")
+                progress = self.progress
+                cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
+                found = collect_ranges(self.model, self.calib, a, cb)
+                save_cached_ranges(self.model, self.calib, spec, found)
+            self.range_cache[key] = found
             for tensor, why in found.nonfinite.items():
                 self.echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
         return self.range_cache[key]

@@ -209,13 +209,16 @@ def test_cle_through_relu6_keeps_the_clip_and_the_function():
     ref = _run(m, feed)
     lo, hi = T.channel_ranges(m, [feed], {"c1": 1})["c1"]
     assert (hi > 6).any() and (hi < 6).any()  # some channels saturate the clip, some do not
-    cle, [ch] = T.cross_layer_equalization(m, {"c1": (lo, hi)})
+    cle, [ch] = T.cross_layer_equalization(m, {"c1": (lo, hi)}, clip_headroom=1.0)
     assert [n.op_type for n in cle.graph.node] == ["Conv", "Clip", "Conv"]
     assert ch["activation"] == "Clip" and ch["clip_fixed_channels"] == int((hi > 6).sum())
     assert ch["range_ratio_after"] < ch["range_ratio_before"]
     assert _rel(_run(cle, feed), ref) < 1e-5
     # the same through the core's per-tensor ranges: too coarse here (the tensor passes 6), so nothing moves
-    same, [skip] = T.cross_layer_equalization(m, {"c1": (float(lo.min()), float(hi.max()))})
+    same, [skip] = T.cross_layer_equalization(m, {"c1": (float(lo.min()), float(hi.max()))}, clip_headroom=1.0)
+    # headroom 2: only channels below 3 move, with scales that keep them below 3
+    safe, [h2] = T.cross_layer_equalization(m, {"c1": (lo, hi)})
+    assert h2["clip_fixed_channels"] == int((hi > 3).sum()) and _rel(_run(safe, feed), ref) < 1e-5
     assert skip["clip_fixed_channels"] == 8 and _rel(_run(same, feed), ref) == 0
 
 
