@@ -159,6 +159,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .verify import verify_artifact
 
+    profiles = None
+    if args.profiles:  # a typo'd profile is exit 2 before any work
+        from .pipeline import resolve_profile
+        from .profile_numerics import parse_profiles
+        profiles = parse_profiles(args.profiles, lambda name: resolve_profile(name, _registry()))
+    elif args.json:
+        raise QDeployError("--json writes the --profiles table: give --profiles too")
     bundle = Bundle.load(args.bundle)  # a modified or missing file raises IntegrityError: exit 1
     m = bundle.manifest
     extra_files = bundle.unlisted_files()
@@ -174,6 +181,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not args.val:
         print(f"no --val: re-checking on the {len(next(iter(x.values())))} stored samples")
     reference = bundle.reference_run(x, y, threads, extra=_registry().metrics, source=source)
+    if profiles is not None:  # one row per artifact x profile: where it ran, the budget metric, the spread
+        from .profile_numerics import verify_profiles, write_json
+
+        table = verify_profiles(bundle, profiles, reference, bundle.budget, bundle.budget_output, threads)
+        print(f"host: {table.host.describe()}\n{table.text()}")
+        if args.json:
+            write_json(table, args.json)
+            print(f"wrote {args.json}")
+        if not any(r.measured for r in table.rows):
+            raise QDeployError(f"no artifact of bundle {args.bundle} could be verified under {args.profiles} here "
+                               f"(see the reasons above)")
+        return 1 if status or table.failed else 0
     checked = 0
     for art in bundle.artifacts:
         try:
@@ -386,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bundle")
     v.add_argument("--val", help="validation data (default: the bundle's stored samples)")
     v.add_argument("--threads", type=_threads, help="intra-op threads per runner (default: the bundle's)")
+    v.add_argument("--profiles", help="verify each artifact under these hardware profiles' numerics (names or "
+                   ".toml, comma separated): one row per artifact x profile, run on its runtime where this host "
+                   "matches the profile, else simulated and marked so; exit 1 when a row fails or an artifact's "
+                   "budget metric spreads more than one point (0.01 for fractions) between profiles")
+    v.add_argument("--json", metavar="PATH", help="also write the --profiles table as JSON to PATH")
     v.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("backends", help="every registered backend, available or not, and why")

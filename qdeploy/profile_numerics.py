@@ -341,8 +341,9 @@ def plan_row(bundle: Bundle, art: Mapping[str, Any], profile: Profile, host: Hos
         note = weights if info is not None and info.quantized and acc.kind == INT16_PAIRS else ""
         return RowPlan("runtime", f"{_runtime_version(backend)} on this host ({acc.why})", "native", native,
                        note=note)
-    if all(t.host_fallback for t in entries):
-        return RowPlan("not emulated", "", reason=f"on {profile.name}, {backend} is a host_fallback entry: it runs on "
+    same = [t for t in entries if t.label == label] or entries  # its own entry when the profile has it
+    if all(t.host_fallback for t in same):
+        return RowPlan("not emulated", "", reason=f"on {profile.name}, {label} is a host_fallback entry: it runs on "
                        f"that machine's host CPU, which the profile does not name")
     acc = profile_accumulation(profile)
     if onnx_path is None or info is None:

@@ -103,9 +103,9 @@ def table_key(model: ModelHandle, spec: QuantSpec, ranges: ActivationRanges | No
     d = spec.to_dict()
     numerics = {k: d.get(k) for k in ("weights", "activations", "transforms")}
     rng = sorted((k, [float(v) for v in r]) for k, r in ranges.ranges.items()) if ranges else None
-    from . import simulate
+    from . import backend, simulate
 
-    code = [hashlib.sha256(Path(m).read_bytes()).hexdigest() for m in (simulate.__file__, __file__)]
+    code = [hashlib.sha256(Path(m).read_bytes()).hexdigest() for m in (simulate.__file__, backend.__file__, __file__)]
     return _digest(CACHE_FORMAT, __version__, code, model.sha256, numerics, rng, precision, both,
                    *[inputs[k] for k in sorted(inputs)])[:32]
 

@@ -30,6 +30,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from .backend import ORT_SIMULATION_DISABLED_OPTIMIZERS
 from .errors import QDeployError
 from .spec import PerChannel, PerTensor, QuantSpec, WeightSpec
 
@@ -41,12 +42,6 @@ Range = tuple[Union[float, np.ndarray], Union[float, np.ndarray]]
 """``(lo, hi)`` of an activation tensor: floats (per tensor) or arrays of one value per channel."""
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
-ORT_SIMULATION_DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
-"""onnxruntime (1.32) rewrites a Conv/Gemm that reads a DequantizeLinear output and has float weights into one
-with int8 per-tensor weights and an int32 bias (``WeightBiasQuantization``, on from the BASIC level): in a float
-fake-quant simulation that re-quantizes the already fake-quantized weights per tensor. Measured on EfficientNet-
-Lite0, weights fake-quantized per channel and Q/DQ on every layer input: cosine to FP32 0.850 with it (0.896 at
-BASIC), 0.993 without it (what onnxruntime's own QDQ model gives when run as float Q/DQ arithmetic)."""
 HOMOGENEOUS_ACTS = ("Relu", "LeakyRelu", "PRelu")
 """Activations with f(x / s) = f(x) / s for every s > 0, per channel: a CLE scale passes through them."""
 
