@@ -272,7 +272,7 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
                   layer_precisions: dict[str, str], pinned: set[str],
                   score: Callable[[list[str]], dict[str, Score]], events: Events,
                   helps: Callable[[str, str, str], tuple[bool, str]] | None = None,
-                  objective: str = "latency") -> tuple[Trial, list[Trial]]:
+                  objective: str = "latency", prior: list[Trial] | None = None) -> tuple[Trial, list[Trial]]:
     """Build and verify; while the budget fails, search the set of layers to promote (a search, not a walk).
 
     Layers are ordered by predicted gain per cost (:func:`promotion_order`, from the simulated sensitivity).
@@ -283,7 +283,8 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
     counts against ``max_trials`` (full verifications, not loop iterations) and ``time_budget_s``; a rung stops
     after :data:`STALL_VERIFICATIONS` growing sets in a row that did not move the metric. Returns the trial
     :func:`choose` picks for ``objective`` among those that passed (else the closest), and all trials: the
-    verified points of the accuracy-latency-size front.
+    verified points of the accuracy-latency-size front. ``prior``: trials the caller verified already; the
+    search starts from the best of them.
 
     ``helps(layer, from, to)`` judges a step between two quantized types (INT8 -> FP8 is not always a step up:
     E4M3 has 3 mantissa bits); a layer it rejects skips that rung, and the event says why."""
@@ -298,8 +299,12 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
     def within() -> bool:
         return len(trials) <= spec.fallback.max_trials and time.monotonic() - start <= spec.fallback.time_budget_s
 
-    first = build_and_verify(dict(layer_precisions), 0)
-    trials.append(first)
+    if prior:  # verifications the caller made already (the plain build, a transformed one): the search goes on
+        trials.extend(prior)  # from the best of them, and they count against max_trials
+        first = max(prior, key=better)
+    else:
+        first = build_and_verify(dict(layer_precisions), 0)
+        trials.append(first)
     if first.budget.passed:
         return first, trials
     b = first.budget

@@ -26,7 +26,8 @@ The numerics of each profile (:func:`profile_accumulation`), the known facts:
 * x86 **without VNNI** (AVX2, and AVX-512 without VNNI): onnxruntime's u8 x s8 kernels multiply with
   ``vpmaddubsw``, which sums *pairs* of products into int16 with saturation: ``a1*w1 + a2*w2`` is clamped to
   [-32768, 32767]. With 7-bit weights (``reduce_range``, |w| <= 64) no pair can saturate (2 * 255 * 64 = 32640),
-  which is why the x86-avx2 profile asks for them. u8 x u8 kernels widen to int16 first and are exact.
+  which is why the x86-avx2 profile asks for them. u8 x u8 kernels are exact (measured here with MatMulInteger:
+  64 products of 255 x 127 give 1,048,544 = 32 x 32767 instead of 2,072,640; 255 x 255 gives the exact sum).
 * x86 **with VNNI** (AVX-512 VNNI, AVX-VNNI): ``vpdpbusd`` accumulates u8 x s8 products in int32, exactly.
 * **arm64 NEON** (sdot/udot, or widening multiply-accumulate): int8 x int8 products accumulate in int32, exactly.
 * GPU tensor cores and integer NPUs accumulate INT8 products in int32 (assumed for NPU/TPU profiles).
@@ -107,7 +108,7 @@ def accumulation_of(device: str, arch: str, flags: Iterable[str]) -> Accumulatio
         return Accumulation(INT32, "arm64 NEON (sdot/udot) accumulates int8 products in int32")
     if "avx512_vnni" in flags or "avx_vnni" in flags:
         return Accumulation(INT32, "x86 VNNI (vpdpbusd) accumulates u8 x s8 products in int32")
-    if "avx2" in flags or arch in ("x86_64", "amd64"):
+    if "avx2" in flags or "avx512bw" in flags:
         return Accumulation(INT16_PAIRS, "x86 without VNNI: u8 x s8 products summed in pairs into saturating "
                             "int16 (vpmaddubsw)")
     return Accumulation(UNKNOWN, f"no INT8 kernel model for {arch or 'this architecture'}")
@@ -339,7 +340,9 @@ def plan_row(bundle: Bundle, art: Mapping[str, Any], profile: Profile, host: Hos
     if host.matches(profile):
         acc = profile_accumulation(profile)
         note = weights if info is not None and info.quantized and acc.kind == INT16_PAIRS else ""
-        return RowPlan("runtime", f"{_runtime_version(backend)} on this host ({acc.why})", "native", native,
+        kernels = acc.why if backend == "onnxruntime" and info is not None and info.quantized else \
+            f"{label}'s own kernels on this {profile.device.upper()}"
+        return RowPlan("runtime", f"{_runtime_version(backend)} on this host ({kernels})", "native", native,
                        note=note)
     same = [t for t in entries if t.label == label] or entries  # its own entry when the profile has it
     if all(t.host_fallback for t in same):
@@ -526,7 +529,11 @@ class ProfileTable:
                             rows)]
         for r in self.rows:
             if r.verification is not None and r.verification.basis == "recorded":
-                lines.append(f"  {r.artifact} on {r.profile}: {r.verification.describe()}")
+                hint = "" if r.passed or r.where != "simulated" else (
+                    " -- these numerics do not reproduce the outputs recorded when the artifact was verified (on "
+                    "the deploying host's runtime), so that verdict does not carry over: give --val with labels to "
+                    "measure the budget under this profile")
+                lines.append(f"  {r.artifact} on {r.profile}: {r.verification.describe()}{hint}")
             if r.note:
                 lines.append(f"  {r.artifact} on {r.profile}: {r.note}")
         for s in self.spreads.values():
@@ -552,7 +559,7 @@ def verify_profiles(bundle: Bundle, profiles: Sequence[Profile], reference: Refe
     for art in bundle.artifacts:
         onnx_path = _onnx_path(bundle, art)
         info = inspect_onnx(onnx_path) if onnx_path is not None else None
-        done: dict[str, tuple[Verification | None, str]] = {}
+        done: dict[str, tuple[Verification | None, str, str]] = {}
         for profile in profiles:
             plan = plan_row(bundle, art, profile, host, threads, info)
             row = Row(art["id"], art["backend"], str(art.get("precision", "")), profile.name, plan.where,
@@ -560,9 +567,9 @@ def verify_profiles(bundle: Bundle, profiles: Sequence[Profile], reference: Refe
             if plan.make is not None:
                 if plan.key not in done:
                     done[plan.key] = _run(plan, reference, budget, output, recorded(art["id"]))
-                row.verification, row.error = done[plan.key]
-                if row.error.startswith("not runnable here"):
-                    row.where, row.reason, row.error = "not runnable", row.error, ""
+                row.verification, row.error, unrunnable = done[plan.key]
+                if unrunnable:
+                    row.where, row.reason = "not runnable", unrunnable
                 elif row.verification is not None and row.verification.verified_on.get("kind") == "simulated" \
                         and row.where == "runtime":
                     row.where = "simulated"  # the backend's own runner stands in for a runtime not here
@@ -579,17 +586,19 @@ def verify_profiles(bundle: Bundle, profiles: Sequence[Profile], reference: Refe
 
 
 def _run(plan: RowPlan, reference: Reference, budget: Budget, output: str,
-         recorded: Recorded | None) -> tuple[Verification | None, str]:
+         recorded: Recorded | None) -> tuple[Verification | None, str, str]:
+    """``(verification, error, why not runnable)``: a DataError while verifying is an error (the row fails), a
+    runner that cannot be made here is no verdict (as plain ``qdeploy verify`` reports it)."""
     assert plan.make is not None
     try:
         runner = plan.make()
     except Exception as exc:  # a runtime missing here is reported, not fatal
-        return None, f"not runnable here: {exc}"
+        return None, "", f"not runnable here: {exc}"
     try:
         where = {"kind": "simulated" if plan.where == "simulated" else "runtime", "numerics": plan.numerics}
-        return verify_artifact(runner, reference, budget, output, where=where, recorded=recorded), ""
+        return verify_artifact(runner, reference, budget, output, where=where, recorded=recorded), "", ""
     except DataError as exc:  # the budget metric cannot be computed here, and nothing recorded to compare
-        return None, str(exc)
+        return None, str(exc), ""
     finally:
         runner.close()
 

@@ -9,6 +9,7 @@ decided here: a backend only builds what it is asked and reports what it actuall
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from .errors import BackendError, QDeployError, StrictPolicyError
 from .fallback import Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions
 from .model import ModelHandle
 from .sensitivity import compute as sensitivity_table
-from .spec import QUANTIZED, QuantSpec, summarize_precision
+from .spec import HIGHER_IS_BETTER, QUANTIZED, QuantSpec, summarize_precision
 from .verify import Reference, side_by_side, verify_artifact
 
 Echo = Callable[[str], None]
@@ -108,15 +109,17 @@ class DeployContext:
     def val_x(self) -> dict[str, np.ndarray]:
         return dict(self.reference.inputs)
 
-    def ranges_for(self, spec: QuantSpec) -> ActivationRanges | None:
-        """The calibrated ranges a spec needs (None when it needs none), computed once per observer setting."""
-        if not needs_ranges(spec, self.model):
+    def ranges_for(self, spec: QuantSpec, model: ModelHandle | None = None) -> ActivationRanges | None:
+        """The calibrated ranges a spec needs (None when it needs none) on ``model`` (default: the reference),
+        computed once per model and observer setting."""
+        model = model or self.model
+        if not needs_ranges(spec, model):
             return None
         assert self.calib is not None  # the deploy refused static INT8 without calibration data
         a = spec.activations
-        key = (a.method, a.momentum, a.percentile, a.symmetric)
+        key = (model.sha256, a.method, a.momentum, a.percentile, a.symmetric)
         if key not in self.range_cache:
-            found = load_cached_ranges(self.model, self.calib, spec)
+            found = load_cached_ranges(model, self.calib, spec)
             if found is not None:
                 self.echo(f"calibration: {a.method} ranges of these {self.calib.count} samples from the cache")
                 self.ranges_cached = True
@@ -124,8 +127,8 @@ class DeployContext:
                 self.echo(f"calibrating: {self.calib.count} samples, {a.method} observers")
                 progress = self.progress
                 cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
-                found = collect_ranges(self.model, self.calib, a, cb)
-                save_cached_ranges(self.model, self.calib, spec, found)
+                found = collect_ranges(model, self.calib, a, cb)
+                save_cached_ranges(model, self.calib, spec, found)
             self.range_cache[key] = found
             for tensor, why in found.nonfinite.items():
                 self.echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
@@ -158,6 +161,8 @@ class FallbackRun:
         # the entry not runnable, under strict)
         self.layer_prec, self.pinned = initial_layer_precisions(res, ctx.model.layers)
         self.ranges: ActivationRanges | None = None
+        self.model = ctx.model  # what the backend builds from: the reference, or the reference transformed
+        self.transforms: dict[str, Any] = {}  # what the accuracy transforms did, for the manifest
         self.sensitivity: dict[str, float] = {}
         self.costs: dict[str, float] = {}
         self.worst: list[int] = []  # the samples the ranking measured on
@@ -170,7 +175,7 @@ class FallbackRun:
         ctx, backend = self.ctx, self.backend
         stage = "build"
         try:
-            plan = backend.translate(ctx.model, self.spec, self.res.target, layer_precisions)
+            plan = backend.translate(self.model, self.spec, self.res.target, layer_precisions)
             plan = backend.calibrate(plan, self.ranges, ctx.calib)
             self._keep_unranged_float(plan)
             self._record_translation(layer_precisions, plan)
@@ -206,7 +211,7 @@ class FallbackRun:
         if not self.sensitivity:
             progress = ctx.progress
             cb = (lambda d, n: progress(f"sensitivity {self.label}", d, n)) if progress else None
-            table = sensitivity_table(ctx.model, self.spec, self.ranges, names, ctx.reference.inputs,
+            table = sensitivity_table(self.model, self.spec, self.ranges, names, ctx.reference.inputs,
                                       ctx.reference.outputs[ctx.out_name], ctx.out_name, base, progress=cb,
                                       threads=ctx.threads)
             ctx.echo(f"{self.label}: ranked {len(names)} layers by sensitivity on the {table.samples} samples "
@@ -223,7 +228,7 @@ class FallbackRun:
         if old != self.res.ladder[0] or layer not in self.sensitivity or not self.worst:
             return True, ""
         ctx = self.ctx
-        there = sensitivity_table(ctx.model, self.spec, self.ranges, [layer], ctx.reference.inputs,
+        there = sensitivity_table(self.model, self.spec, self.ranges, [layer], ctx.reference.inputs,
                                   ctx.reference.outputs[ctx.out_name], ctx.out_name, new, threads=ctx.threads,
                                   worst=self.worst).rows[layer].sqnr_only_quantized
         here = self.sensitivity[layer]
@@ -237,8 +242,9 @@ class FallbackRun:
         misses the budget under ``strict`` is the caller's to refuse (the budget is a deploy-wide verdict)."""
         self.ranges = self.ctx.ranges_for(self.spec)
         try:
+            prior = self._techniques_first()
             best, self.trials = accuracy_loop(self.res, self.build_and_verify, self.layer_prec, self.pinned, self.score,
-                                              self.ctx.events, self.helps, self.ctx.objective)
+                                              self.ctx.events, self.helps, self.ctx.objective, prior)
         except BackendError as exc:
             self.ctx.events.emit(exc.code, self.label, str(exc))
             if self.strict:
@@ -250,6 +256,94 @@ class FallbackRun:
         if per_layer and not self.sensitivity and self.res.ladder[0] in QUANTIZED:
             self.score([n for n, p in best.artifact.layer_precisions.items() if p == self.res.ladder[0]])
         return best
+
+    # ------------------------------------------------------------------ techniques before precision
+    def _transforms_mode(self) -> str:
+        """``off`` (nothing asked, or nothing to quantize), ``on`` (a transform set explicitly: applied before the
+        first build) or ``auto`` (tried when the plain build misses the budget, kept only if it helps)."""
+        t = self.spec.transforms
+        if not self.spec.uses_quantized or self.ctx.model.prequantized:
+            return "off"
+        explicit = [t.cross_layer_equalization, t.bias_correction, t.smoothquant, t.adaround]
+        if any(v not in (False, "auto") for v in explicit):
+            return "on"
+        return "auto" if "auto" in explicit else "off"
+
+    def _techniques_first(self) -> list[Trial] | None:
+        """Accuracy transforms before any precision is spent: with a transform set explicitly, the first build is
+        of the transformed reference; with ``auto``, a plain build that misses the budget is followed by a build
+        of the transformed reference, kept only if it verifies better (an event with both values). Returns the
+        verifications made here (None: the search makes the first)."""
+        mode = self._transforms_mode()
+        if mode == "off":
+            return None
+        if "onnx" not in self.caps.model_formats:  # built from the PyTorch module: the ONNX transforms do not reach it
+            self.ctx.echo(f"{self.label}: accuracy transforms not applied: this backend builds from the PyTorch "
+                          f"module, not the ONNX reference")
+            self.transforms = {"applied": False, "reason": "the backend builds from the PyTorch module"}
+            return None
+        trials: list[Trial] = []
+        if mode == "auto":
+            if self.strict or self.spec.fallback.max_trials < 1:  # a fallback step: not under strict or 0 trials
+                return None
+            plain = self.build_and_verify(dict(self.layer_prec), 0)
+            trials.append(plain)
+            if plain.budget.passed:
+                self.transforms = {"applied": False, "reason": "auto: the plain build met the budget"}
+                return trials
+        handle, events = self._transformed()
+        if handle is None:
+            self.transforms = {"applied": False, "reason": "no transform changed the model", "events": events}
+            return trials or None
+        plain_model, plain_ranges = self.model, self.ranges
+        self.model, self.ranges = handle, self.ctx.ranges_for(self.spec, handle)
+        done = [e["transform"] for e in events if e.get("applied")]
+        trial = self.build_and_verify(dict(self.layer_prec), len(trials))
+        trials.append(trial)
+        self.transforms = {"applied": True, "mode": mode, "events": events, "trial": len(trials) - 1}
+        if mode == "on":
+            self.ctx.echo(f"{self.label}: accuracy transforms ({', '.join(done)}) applied to the reference before "
+                          f"building: {trial.budget.describe()}")
+            return trials
+        before, after = trials[0].budget, trial.budget
+        higher = after.value >= before.value if _higher_is_better(after.metric) else after.value <= before.value
+        kept = higher and after.value != before.value
+        if not kept:
+            self.model, self.ranges = plain_model, plain_ranges
+        self.transforms["kept"] = kept
+        self.ctx.events.emit("ACCURACY_BELOW_BUDGET", self.label,
+                             f"{before.describe()}; techniques before precision: {', '.join(done)} -> "
+                             f"{after.metric} {after.value:.4f} ({'kept' if kept else 'undone: it did not help'})",
+                             action="transform", transforms=done, metric=after.metric, before=before.value,
+                             value=after.value, budget=after.budget, kept=kept, trial=len(trials) - 1)
+        return trials
+
+    def _transformed(self) -> tuple[ModelHandle | None, list[dict[str, Any]]]:
+        """The reference with the spec's transforms applied, as a handle with the same layer map (None when no
+        transform changed anything), and the transforms' events."""
+        import dataclasses
+
+        import onnx
+
+        from .model import sha256_file
+        from .transforms import transform_model
+
+        ctx = self.ctx
+        calib = ctx.calib
+        feeds = (lambda: (x for x, _ in calib.batches(16))) if calib is not None else None
+        layers = [ctx.model.layers[n].node for n, p in self.layer_prec.items() if p in QUANTIZED]
+        start = time.perf_counter()
+        proto, events = transform_model(onnx.load(str(ctx.model.onnx_path)), self.spec, feeds, layers=layers)
+        applied = [e for e in events if e.get("applied") and e.get("count") and e["transform"] != "fold_batchnorm"]
+        summary = [{k: v for k, v in e.items() if k != "changes"} for e in events]
+        if not applied:
+            return None, summary
+        path = ctx.work / f"{self.label.replace(':', '-')}-transformed.onnx"
+        onnx.save(proto, str(path))
+        ctx.echo(f"{self.label}: accuracy transforms on the reference: "
+                 + ", ".join(f"{e['transform']} ({e['count']} layers)" for e in applied)
+                 + f" ({time.perf_counter() - start:.0f} s)")
+        return dataclasses.replace(ctx.model, onnx_path=path, sha256=sha256_file(path)), summary
 
     def record(self, trial: Trial, staging: Path) -> dict[str, Any]:
         """Move the kept artifact into the bundle and describe it for the manifest."""
@@ -266,6 +360,7 @@ class FallbackRun:
                 **trial.verification.as_record(),
                 "layer_precisions": art.layer_precisions, "spec": self.spec.to_dict(), "meta": art.meta,
                 "trials": len(trials), "sensitivity": self.sensitivity, "_outputs": trial.outputs,
+                "transforms": self.transforms,
                 "front": {"objective": self.ctx.objective, "chosen": trials.index(trial),
                           "points": [t.point(i, self.res.ladder[0]) for i, t in enumerate(trials)],
                           "note": "every verified configuration of this entry; latency_vs_fp32 from a short "
@@ -292,3 +387,7 @@ class FallbackRun:
                                    "PRECISION_UNSUPPORTED")
             self.ctx.events.emit("PRECISION_UNSUPPORTED", self.label, f"layer {name}: {why}; built in {got}",
                                  layer=name, requested=want, resolved=got)
+
+
+def _higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER.get(metric, True)

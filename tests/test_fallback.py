@@ -19,7 +19,10 @@ DIGITS = f"{ROOT / 'examples' / 'digits.py'}:build_model"
 # 0.99 on the 597 validation images allows 5 flips: enough slack that the ordinary INT8 noise of whatever model
 # this machine trained passes, while the outlier channel (about 0.93 agreement) cannot.
 THRESHOLD = 0.99
-TIGHT = {"weights": {"granularity": "per_tensor"}, "budget": {"metric": "top1_agreement", "threshold": THRESHOLD}}
+# the promotion tests switch the accuracy transforms off: with them (the default, "auto") CLE and bias correction
+# recover the outlier channel before any layer is promoted (tested below)
+TIGHT = {"weights": {"granularity": "per_tensor"}, "budget": {"metric": "top1_agreement", "threshold": THRESHOLD},
+         "transforms": {"cross_layer_equalization": False, "bias_correction": False}}
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +288,22 @@ def test_artifacts_that_met_the_budget_come_first(tmp_path, digits_data):
     assert arts[0]["budget"]["passed"] and not arts[1]["budget"]["passed"]
     stop = [e for e in b.manifest["events"] if e["target"] == "onnxruntime" and e.get("action") == "stop"]
     assert stop and "top of the ladder" in stop[0]["message"]
+
+
+def test_techniques_before_precision_recover_the_outlier_model_with_no_layer_above_int8(tmp_path, digits_data):
+    """The default transforms ("auto"): the plain per-tensor INT8 build misses the budget; cross-layer
+    equalization and bias correction on the reference recover it, an event says so with the metric before and
+    after, and no layer is promoted."""
+    spec = {k: v for k, v in TIGHT.items() if k != "transforms"}
+    b = qdeploy.deploy(SENSITIVE, target="x86-avx512-vnni", spec=spec, calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8",
+                       backends=["onnxruntime"])
+    art = b.artifacts[0]
+    assert art["budget"]["passed"] and set(art["layer_precisions"].values()) == {"int8"}
+    assert art["trials"] <= 3  # the plain build, the transformed one (and nothing promoted)
+    [t] = [e for e in b.manifest["events"] if e.get("action") == "transform"]
+    assert t["kept"] and t["value"] > t["before"] and "cross_layer_equalization" in t["transforms"]
+    assert art["transforms"]["applied"] and art["transforms"]["kept"]
+    assert not [e for e in b.manifest["events"] if e.get("action") == "promote"]
+    # every artifact is still verified against the original reference
+    assert b.manifest["reference"]["sha256"] == b.manifest["model"]["sha256"]
