@@ -1,13 +1,16 @@
 """The PTQ toolkit on EfficientNet-Lite0 (ReLU6, depthwise convs), real photo crops, onnxruntime QDQ INT8.
 
 For each reference variant -- ``original`` (BatchNorm folded, nothing else), ``cle`` (cross-layer equalization,
-ReLU6 kept, FP32 function unchanged), ``cle+bc`` (CLE then sequential empirical bias correction for the weight
-granularity at hand, activations simulated) and ``bc`` (bias correction alone) -- and each weight granularity
+ReLU6 kept, FP32 function unchanged on the calibration data), ``cle+bc`` (CLE then sequential empirical bias
+correction for the weight granularity at hand, 8-bit activations simulated), ``cle+bcw`` (the same, weights
+only) and ``bc``/``bcw`` (bias correction alone) -- and each weight granularity
 (per-channel, per-tensor) and calibration method (the core's streaming observers: minmax, entropy,
 percentile), the activation ranges are calibrated on the variant itself and handed to
 ``onnxruntime.quantization.quantize_static`` as its calibration cache (QDQ, u8 asymmetric activations, s8
 symmetric weights, every supported op quantized, no layer left in float); the artifact runs on the held-out crops
-and is compared with the ORIGINAL FP32 model: top-1 agreement and mean cosine of the logits.
+and is compared with the ORIGINAL FP32 model: top-1 agreement and mean cosine of the logits, run on this CPU's
+integer kernels (onnxruntime's default) and as float Q/DQ arithmetic (BASIC optimizations: what a runtime without
+u8 x s8 saturation computes; on AVX2 without VNNI onnxruntime's fused kernels saturate in int16).
 
     python benchmarks/bench_ptq.py [--calib 300] [--val 200] [--bc-samples 64] [--methods minmax,entropy]
                                    [--variants original,cle,cle+bc] [--granularity per_channel,per_tensor]
@@ -31,16 +34,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def _session(path: Path) -> Any:
+def _session(path: Path, basic: bool = False) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if basic:  # Q/DQ run as the float arithmetic ONNX defines (no fused integer kernels)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def run(path: Path, x: np.ndarray, batch: int = 25) -> np.ndarray:
-    sess = _session(path)
+def run(path: Path, x: np.ndarray, batch: int = 25, basic: bool = False) -> np.ndarray:
+    sess = _session(path, basic)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
@@ -76,11 +81,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", type=int, default=300)
     ap.add_argument("--val", type=int, default=200)
-    ap.add_argument("--bc-samples", type=int, default=64, help="calibration samples bias correction runs on")
-    ap.add_argument("--methods", default="minmax,entropy,percentile")
-    ap.add_argument("--variants", default="original,cle,cle+bc,bc")
+    ap.add_argument("--bc-samples", type=int, default=128, help="calibration samples the transforms run on")
+    ap.add_argument("--methods", default="minmax,percentile")
+    ap.add_argument("--variants", default="original,bcw,cle+bcw")
     ap.add_argument("--granularity", default="per_channel,per_tensor")
-    ap.add_argument("--headroom", type=float, default=1.0, help="CLE clip headroom (see cross_layer_equalization)")
+    ap.add_argument("--headroom", type=float, default=2.0, help="CLE clip headroom (see cross_layer_equalization)")
     args = ap.parse_args()
 
     import efficientnet
@@ -115,16 +120,17 @@ def main() -> None:
         variants: dict[tuple[str, str], tuple[Path, list[dict[str, Any]], float]] = {}
         for variant in args.variants.split(","):
             for gran in grans:
-                if variant in ("original", "cle") and gran != grans[0]:
+                if "bc" not in variant and gran != grans[0]:  # no bias correction: one model for both
                     variants[(variant, gran)] = variants[(variant, grans[0])]
                     continue
                 t1 = time.time()
                 ws = WeightSpec(granularity=PerTensor()) if gran == "per_tensor" else WeightSpec()
-                tspec = TransformsSpec(cross_layer_equalization="cle" in variant,
-                                       bias_correction="empirical" if "bc" in variant else False)
+                parts = variant.split("+")
+                tspec = TransformsSpec(cross_layer_equalization="cle" in parts,
+                                       bias_correction="empirical" if {"bc", "bcw"} & set(parts) else False)
                 spec = QuantSpec(weights=ws, activations=ActivationSpec(mode="static"), transforms=tspec)
                 model, events = T.transform_model(original, spec, calib_feeds, max_samples=args.bc_samples,
-                                                  clip_headroom=args.headroom)
+                                                  clip_headroom=args.headroom, simulate_activations="bc" in parts)
                 path = work / f"{variant}_{gran}.onnx"
                 onnx.save(model, str(path))
                 out = run(path, data["val"])
@@ -151,10 +157,12 @@ def main() -> None:
                 q = work / f"q_{variant}_{gran}_{method}.onnx"
                 quantize(path, q, ranged[path], gran == "per_channel", work)
                 m = metrics(fp32, run(q, data["val"]))
+                f = metrics(fp32, run(q, data["val"], basic=True))
                 rows.append({"variant": variant, "granularity": gran, "method": method, **m,
-                             "fp32_drift": drift, "transforms": summary})
+                             "float_qdq": f, "fp32_drift": drift, "transforms": summary})
                 print(f"{variant:>8} {gran:<11} {method:<10} top1 {m['top1_agreement']:.3f}  cosine "
-                      f"{m['cosine']:.4f}  ({time.time() - t1:.0f}s)", flush=True)
+                      f"{m['cosine']:.4f}  | float Q/DQ top1 {f['top1_agreement']:.3f} cosine {f['cosine']:.4f}"
+                      f"  ({time.time() - t1:.0f}s)", flush=True)
     import onnxruntime
 
     report = {"where": f"onnxruntime {onnxruntime.__version__} CPU, {platform.processor() or platform.machine()}",
@@ -162,10 +170,12 @@ def main() -> None:
               "seconds": time.time() - t0, "rows": rows}
     out = ROOT / "build" / "bench_ptq.json"
     out.write_text(json.dumps(report, indent=2, default=float))
-    print(f"\n{'variant':<9} {'weights':<12} {'method':<11} {'top1 agr':>8} {'cosine':>7}")
+    print(f"\n{'variant':<9} {'weights':<12} {'method':<11} {'top1 agr':>8} {'cosine':>7} | float Q/DQ "
+          f"{'top1':>6} {'cosine':>7}")
     for r in rows:
         print(f"{r['variant']:<9} {r['granularity']:<12} {r['method']:<11} {r['top1_agreement']:>8.3f} "
-              f"{r['cosine']:>7.4f}")
+              f"{r['cosine']:>7.4f} | {'':>10} {r['float_qdq']['top1_agreement']:>6.3f} "
+              f"{r['float_qdq']['cosine']:>7.4f}")
     print(f"wrote {out} ({report['seconds']:.0f}s)")
 
 

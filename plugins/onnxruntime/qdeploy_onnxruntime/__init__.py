@@ -139,6 +139,8 @@ class OnnxRuntimeBackend(Backend):
                 quantize_dynamic(str(plan.model.onnx_path), str(out), op_types_to_quantize=dynamic_ops,
                                  per_channel=plan.spec.weights.granularity.type == "per_channel",
                                  weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
+                                 # 7-bit weights where the profile says the CPU's u8 x s8 kernels saturate (AVX2)
+                                 reduce_range=bool(plan.target.option("reduce_range", False)),
                                  extra_options={"WeightSymmetric": plan.spec.weights.symmetric})
             meta["format"] = "dynamic"
             meta["dynamic_op_types"] = dynamic_ops
