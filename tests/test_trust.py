@@ -304,3 +304,10 @@ def test_every_bundle_has_a_self_contained_html_report(digits_bundle):
     assert "report.html" in m["files"]
     err = m["artifacts"][0]["error_per_sample"]
     assert sum(err["counts"]) == m["validation"]["samples"] and err["quantiles"]["p50"] <= err["quantiles"]["p100"]
+
+
+def test_readme_shows_the_real_default_spec():
+    from qdeploy.spec import QuantSpec, dumps_spec
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"```toml\n{dumps_spec(QuantSpec())}```" in readme
