@@ -305,11 +305,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise QDeployError(f"--max-body-mb {args.max_body_mb} must be a positive number of MiB, e.g. 32")
     if not 0 <= args.port <= 65535:
         raise QDeployError(f"--port {args.port} is not a TCP port; use 1-65535 (or 0 for any free port)")
-    model = FallbackModel(args.bundle, name=args.name, policy=args.policy, reference_fallback=not args.no_reference,
-                          breaker_errors=args.breaker_errors, breaker_window=args.breaker_window,
-                          drift_sample=args.drift_sample, drift_window=args.drift_window, threads=args.threads,
-                          allow_nonfinite=args.allow_nonfinite)
-    serve(model, host=args.host, port=args.port, max_body=int(args.max_body_mb * 1024 * 1024),
+    options = dict(name=args.name, policy=args.policy, reference_fallback=not args.no_reference,
+                   breaker_errors=args.breaker_errors, breaker_window=args.breaker_window,
+                   drift_sample=args.drift_sample, drift_window=args.drift_window, threads=args.threads,
+                   allow_nonfinite=args.allow_nonfinite)
+    max_body = int(args.max_body_mb * 1024 * 1024)
+    if args.replicas is not None or args.ray_address:  # Ray Serve: N replicas, each with its own fallback chain
+        replicas = 1 if args.replicas is None else args.replicas
+        if replicas < 1:
+            raise QDeployError(f"--replicas {replicas} must be at least 1")
+        from .serve.ray_serve import import_ray, serve_ray
+
+        import_ray()  # without Ray: one clear error naming the extra
+        serve_ray(args.bundle, replicas=replicas, host=args.host, port=args.port, ray_address=args.ray_address,
+                  max_body=max_body, options=options, log_level=args.log_level)
+        return 0
+    model = FallbackModel(args.bundle, **options)
+    serve(model, host=args.host, port=args.port, max_body=max_body,
           log_level="warning" if args.log_level == "info" else args.log_level)
     return 0
 
@@ -446,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "latencies were measured with)")
     sv.add_argument("--allow-nonfinite", action="store_true",
                     help="accept NaN/Infinity in request inputs (refused with 400 by default)")
+    sv.add_argument("--replicas", type=int, help="serve as a Ray Serve application with N replicas, each with its "
+                    "own fallback chain (needs qdeploy[ray]; default: one process, no Ray)")
+    sv.add_argument("--ray-address", help="run the replicas on this Ray cluster (default with --replicas: a local "
+                    "Ray started here; implies --replicas 1 if not given)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     sv.set_defaults(func=cmd_serve)
 

@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,8 +114,16 @@ def _counter(metric: str, help_: str, model: str, value: float) -> Any:
     return c
 
 
-def create_app(model: FallbackModel, max_body: int = DEFAULT_MAX_BODY) -> Any:
-    """The FastAPI application serving ``model`` (start the model yourself, or let :func:`serve` do it)."""
+def create_app(model: FallbackModel, max_body: int = DEFAULT_MAX_BODY, *,
+               metadata_extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+               metrics_body: Callable[[], Awaitable[bytes]] | None = None, echo_request_id: bool = True) -> Any:
+    """The FastAPI application serving ``model`` (start the model yourself, or let :func:`serve` do it).
+
+    ``metadata_extra``: awaited on each model metadata request, its keys added to the answer; ``metrics_body``:
+    awaited on each ``/metrics`` request instead of this app's own registry (``app.state.metrics.registry``).
+    Ray Serve replicas (:mod:`.ray_serve`) use both to report every replica, not just the one answering, and
+    turn ``echo_request_id`` off: Serve itself echoes (or makes up) every response's ``X-Request-ID``.
+    """
     if max_body < 1:
         raise QDeployError(f"max_body {max_body} must be at least 1 byte")
     metrics = _Metrics(model)
@@ -122,7 +131,7 @@ def create_app(model: FallbackModel, max_body: int = DEFAULT_MAX_BODY) -> Any:
     app.state.model, app.state.metrics = model, metrics
 
     def error(exc: ServeError, request: Request | None = None) -> Response:
-        headers = _rid_header(request)
+        headers = _rid_header(request) if echo_request_id else {}
         return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -171,12 +180,15 @@ def create_app(model: FallbackModel, max_body: int = DEFAULT_MAX_BODY) -> Any:
     async def model_metadata(name: str, version: str | None = None) -> dict:
         check_model(name, version)
         st = model.status()
-        return {"name": model.name, "versions": [VERSION], "platform": "qdeploy",
+        body = {"name": model.name, "versions": [VERSION], "platform": "qdeploy",
                 "inputs": tensor_metadata(model.inputs), "outputs": tensor_metadata(model.outputs),
                 "active_artifact": st["active_artifact"], "active_budget_passed": st["active_budget_passed"],
                 "ready": st["ready"], "policy": st["policy"],
                 "failure": st["failure"], "chain": st["chain"], "events": st["events"],
                 "drift_guard": st["drift_guard"]}
+        if metadata_extra is not None:
+            body.update(await metadata_extra())
+        return body
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
@@ -202,7 +214,7 @@ def create_app(model: FallbackModel, max_body: int = DEFAULT_MAX_BODY) -> Any:
         except ServeError as exc:
             metrics.observe(artifact, exc.status, time.perf_counter() - start)
             return error(exc, request)
-        headers = _rid_header(request)
+        headers = _rid_header(request) if echo_request_id else {}
         if head_len is None:
             resp = Response(payload, media_type="application/json", headers=headers)
         else:
@@ -220,7 +232,8 @@ def create_app(model: FallbackModel, max_body: int = DEFAULT_MAX_BODY) -> Any:
     async def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(metrics.registry) if metrics_body is None else await metrics_body()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
 
