@@ -278,8 +278,9 @@ class FallbackRun:
         if mode == "off":
             return None
         if "onnx" not in self.caps.model_formats:  # built from the PyTorch module: the ONNX transforms do not reach it
-            self.ctx.echo(f"{self.label}: accuracy transforms not applied: this backend builds from the PyTorch "
-                          f"module, not the ONNX reference")
+            if mode == "on":
+                self.ctx.echo(f"{self.label}: accuracy transforms not applied: this backend builds from the PyTorch "
+                              f"module, not the ONNX reference")
             self.transforms = {"applied": False, "reason": "the backend builds from the PyTorch module"}
             return None
         trials: list[Trial] = []
