@@ -183,3 +183,22 @@ def test_cosine_of_a_zero_reference_and_a_nonzero_output_is_zero():
     ref = np.zeros((2, 4), np.float32)
     assert output_metrics(ref, ref)["cosine"] == 1.0
     assert output_metrics(ref, np.ones((2, 4), np.float32))["cosine"] == 0.0
+
+
+def test_entropy_is_not_dragged_inside_the_data_by_relu_zeros():
+    """Most of a ReLU6 output is exactly 0: that spike must not decide the KL threshold (it used to clip a
+    90%-zeros ReLU6 distribution at 1.0 of 6; EfficientNet-Lite0 then lost every top-1)."""
+    from qdeploy.calibration import EntropyObserver
+
+    rng = np.random.default_rng(0)
+    x = np.clip(np.abs(rng.normal(0, 2, 200_000)), 0, 6)
+    x[:2_000] = 6.0
+    x[2_000:182_000] = 0.0
+    obs = EntropyObserver()
+    obs.update(x.astype(np.float32))
+    lo, hi = obs.range()
+    assert lo == 0.0 and hi >= 4.0
+    g = EntropyObserver()
+    g.update(rng.normal(0, 1, 200_000).astype(np.float32))
+    lo, hi = g.range()
+    assert 3.0 <= -lo <= 5.0 and 3.0 <= hi <= 5.0  # a Gaussian is clipped a few sigma out, not at its extremes
