@@ -28,6 +28,8 @@ from .spec import HIGHER_IS_BETTER, QUANTIZED, QuantSpec, summarize_precision
 from .verify import Reference, side_by_side, verify_artifact
 
 Echo = Callable[[str], None]
+TRANSFORM_SAMPLES = 32
+"""Calibration samples the accuracy transforms (bias correction, SmoothQuant) are computed from."""
 Progress = Callable[[str, int, int], None]
 
 
@@ -334,7 +336,10 @@ class FallbackRun:
         feeds = (lambda: (x for x, _ in calib.batches(16))) if calib is not None else None
         layers = [ctx.model.layers[n].node for n, p in self.layer_prec.items() if p in QUANTIZED]
         start = time.perf_counter()
-        proto, events = transform_model(onnx.load(str(ctx.model.onnx_path)), self.spec, feeds, layers=layers)
+        # 32 samples: bias correction estimates a mean per output channel over every spatial position of each
+        # sample (plenty), and its cached intermediates scale with the samples (128 took 4.6 GB on EfficientNet)
+        proto, events = transform_model(onnx.load(str(ctx.model.onnx_path)), self.spec, feeds, layers=layers,
+                                        max_samples=TRANSFORM_SAMPLES)
         applied = [e for e in events if e.get("applied") and e.get("count") and e["transform"] != "fold_batchnorm"]
         summary = [{k: v for k, v in e.items() if k != "changes"} for e in events]
         if not applied:
