@@ -44,13 +44,18 @@ def prepare_output(output: Path) -> Path:
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).is_file():
         raise BundleError(f"output folder {output} is not empty and is not a qdeploy bundle; choose another -o "
                           f"folder or empty it")
+    return staging_beside(output, "a bundle")
+
+
+def staging_beside(output: Path, what: str) -> Path:
+    """A fresh staging folder beside ``output`` (renamed into place once complete), readable by other users."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
     except OSError as exc:
-        raise BundleError(f"cannot write a bundle at {output}: {exc.strerror or exc} ({exc.filename or output.parent}); "
+        raise BundleError(f"cannot write {what} at {output}: {exc.strerror or exc} ({exc.filename or output.parent}); "
                           f"choose a writable -o folder") from None
-    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by servers and other users
+    staging.chmod(0o755)  # mkdtemp makes it private; bundles and repositories are read by servers and other users
     return staging
 
 

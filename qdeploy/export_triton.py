@@ -47,7 +47,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -268,14 +267,9 @@ def _check_output(out: Path, force: bool) -> None:
 
 
 def _staging(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    except OSError as exc:
-        raise QDeployError(f"cannot write a model repository at {out}: {exc.strerror or exc} "
-                           f"({exc.filename or out.parent}); choose a writable -o folder") from None
-    staging.chmod(0o755)  # a repository is read by the server's user
-    return staging
+    from .bundle import staging_beside
+
+    return staging_beside(out, "a model repository")
 
 
 def _model_name(text: str) -> str:
