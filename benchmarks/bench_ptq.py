@@ -61,6 +61,7 @@ def quantize(src: Path, dst: Path, ranges: Any, per_channel: bool, work: Path) -
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from qdeploy.backend import quiet
+    from qdeploy_onnxruntime import ort_calibration_cache
 
     proto = onnx.load(str(src))
     inferred = onnx.shape_inference.infer_shapes(proto)
@@ -70,7 +71,7 @@ def quantize(src: Path, dst: Path, ranges: Any, per_channel: bool, work: Path) -
     unranged = [n.name for n in proto.graph.node
                 if any(t and t not in inits and types.get(t) == onnx.TensorProto.FLOAT and t not in ranges.ranges
                        for t in list(n.input) + list(n.output))]
-    cache = ranges.save_ort_cache(work / "calibration.json")
+    cache = ort_calibration_cache(ranges.ranges, work / "calibration.json")
     with quiet(""):
         quantize_static(str(src), str(dst), calibration_data_reader=None, calibration_cache_path=cache,
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -64,7 +64,10 @@ class Plan:
     """A backend's translation of the spec for one model and profile entry.
 
     ``layer_precisions`` maps every layer of the model's layer map to its precision; ``ranges`` holds the
-    calibrated activation ranges once :meth:`Backend.calibrate` ran; ``state`` is the backend's own data.
+    calibrated activation ranges once :meth:`Backend.calibrate` ran; ``reasons`` says, for each layer the plan
+    builds in another precision than it was asked, why (the core turns each into a ``PRECISION_UNSUPPORTED``
+    event and a ``moved_layers`` entry of the manifest); ``state`` is the backend's own data, never read by the
+    core.
     """
 
     backend: str
@@ -74,6 +77,7 @@ class Plan:
     layer_precisions: dict[str, str]
     ranges: ActivationRanges | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -16,8 +16,7 @@ import numpy as np
 
 from .errors import BundleError, IntegrityError
 from .model import sha256_file
-
-SCHEMA_VERSION = 1
+from .records import SCHEMA_VERSION, ArtifactRecord, Manifest
 MANIFEST = "manifest.json"
 SAMPLES = "samples.npz"
 
@@ -70,13 +69,40 @@ def commit(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_manifest(staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Add the ``files`` integrity map (every file but the manifest) and write ``manifest.json``."""
-    manifest["schema_version"] = SCHEMA_VERSION
-    manifest["files"] = {f.relative_to(staging).as_posix(): sha256_file(f)
-                         for f in sorted(staging.rglob("*")) if f.is_file() and f.name != MANIFEST}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+def _write_manifest(folder: Path, manifest: Manifest) -> Manifest:
+    """Fill the ``files`` integrity map (every file but the manifest) and write ``manifest.json`` atomically."""
+    manifest.schema_version = SCHEMA_VERSION
+    manifest.files = {f.relative_to(folder).as_posix(): sha256_file(f)
+                      for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST
+                      and not f.name.startswith(f".{MANIFEST}.tmp")}
+    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, default=_json_default) + "\n")
+    os.replace(tmp, folder / MANIFEST)
     return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any] | Manifest) -> dict[str, Any]:
+    """Rewrite ``folder``'s ``manifest.json`` from ``manifest`` (validated as a :class:`Manifest`) with a fresh
+    integrity map; the manifest as written. For tools that edit a bundle's manifest on purpose."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json({"schema_version": SCHEMA_VERSION, **manifest}, str(folder))
+    return _write_manifest(Path(folder), manifest).to_json()
+
+
+def _write_samples(folder: Path, samples: dict[str, np.ndarray]) -> None:
+    tmp = folder / f".{SAMPLES}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **samples)  # type: ignore[arg-type]  # numpy's stub: a key could be allow_pickle
+    os.replace(tmp, folder / SAMPLES)
+
+
+def _write_reports(folder: Path, manifest: dict[str, Any], only_existing: bool = False) -> None:
+    from .htmlreport import html_report
+    from .report import markdown_report
+
+    for name, render in (("report.md", markdown_report), ("report.html", html_report)):
+        if not only_existing or (folder / name).is_file():
+            (folder / name).write_text(render(manifest))
 
 
 def _json_default(obj: Any) -> Any:
@@ -90,8 +116,19 @@ def _json_default(obj: Any) -> Any:
 class Bundle:
     """A loaded, integrity-checked bundle."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        self.path, self.manifest = Path(path), manifest
+    def __init__(self, path: Path, manifest: dict[str, Any] | Manifest) -> None:
+        self.path = Path(path)
+        self.record = manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest, str(path))
+        self.manifest: dict[str, Any] = self.record.to_json()
+        """The manifest as JSON (the current schema's shape, also for a bundle written with an older one)."""
+
+    @classmethod
+    def write(cls, staging: Path, manifest: Manifest, samples: dict[str, np.ndarray]) -> Manifest:
+        """Write a new bundle's ``samples.npz``, ``report.md``, ``report.html`` and (last, with the integrity map
+        of everything else in ``staging``) ``manifest.json``. The only writer of these files."""
+        _write_samples(staging, samples)
+        _write_reports(staging, manifest.to_json())
+        return _write_manifest(staging, manifest)
 
     @classmethod
     def load(cls, path: str | Path, check: bool = True) -> Bundle:
@@ -103,11 +140,7 @@ class Bundle:
             manifest = json.loads(mf.read_text())
         except json.JSONDecodeError as exc:
             raise IntegrityError(f"{mf} is not valid JSON ({exc}); the bundle is damaged: deploy again") from None
-        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        if version != SCHEMA_VERSION:
-            raise BundleError(f"{path}: bundle schema version {version!r} is unknown; this qdeploy reads version "
-                              f"{SCHEMA_VERSION}: deploy again with this version")
-        bundle = cls(path, manifest)
+        bundle = cls(path, Manifest.from_json(manifest, str(path)))
         if check:
             bundle.check_integrity()
         return bundle
@@ -247,41 +280,33 @@ class Bundle:
         budget = BudgetResult(**{k: v for k, v in art["budget"].items() if k in names})
         return Recorded(self.stored_inputs(), outputs, budget)
 
-    def replace_artifact(self, record: dict[str, Any], outputs: dict[str, np.ndarray] | None = None,
+    def replace_artifact(self, record: dict[str, Any] | ArtifactRecord, outputs: dict[str, np.ndarray] | None = None,
                          events: list[dict[str, Any]] | tuple = ()) -> None:
-        """Replace the manifest record of artifact ``record["id"]`` with ``record`` (its sha256 and sizes
+        """Replace the manifest record of artifact ``record.id`` with ``record`` (its sha256 and sizes
         recomputed from its files), its verified outputs in ``samples.npz`` with ``outputs`` (the artifact's
         outputs on the stored warm-up inputs), append ``events``, keep the serving chain's rule (artifacts that
-        met their budget before those that did not; otherwise the order stays), then rewrite ``report.md`` and
-        the manifest with its integrity map. The bundle is the writer: plugins call this, never write_manifest."""
-        from .report import markdown_report
-
-        arts = self.manifest["artifacts"]
-        index = next((i for i, a in enumerate(arts) if a["id"] == record["id"]), None)
+        met their budget before those that did not; otherwise the order stays), then rewrite the reports and
+        the manifest with its integrity map. The bundle is the writer: plugins call this, never write files."""
+        if not isinstance(record, ArtifactRecord):
+            record = ArtifactRecord.from_json(dict(record), f"replacement for bundle {self.path}")
+        arts = self.record.artifacts
+        index = next((i for i, a in enumerate(arts) if a.id == record.id), None)
         if index is None:
-            raise BundleError(f"bundle {self.path} has no artifact {record['id']!r} to replace")
-        record = dict(record)
-        path = self.path / record["path"]
-        record["sha256"], record["size_bytes"] = path_sha256(path), path_size(path)
-        ref_size = self.manifest.get("reference", {}).get("size_bytes")
+            raise BundleError(f"bundle {self.path} has no artifact {record.id!r} to replace")
+        path = self.path / record.path
+        record.sha256, record.size_bytes = path_sha256(path), path_size(path)
+        ref_size = self.record.reference.get("size_bytes")
         if ref_size:
-            record["size_vs_fp32"] = record["size_bytes"] / ref_size
+            record.size_vs_fp32 = record.size_bytes / ref_size
         if outputs is not None:
             samples = self.samples()
             n = len(next(v for k, v in samples.items() if k.startswith("input:")))
-            samples = {k: v for k, v in samples.items() if not k.startswith(f"{record['id']}:")}
-            samples.update({f"{record['id']}:{k}": np.asarray(v)[:n] for k, v in outputs.items()})
-            tmp = self.path / f".{SAMPLES}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                np.savez(f, **samples)  # type: ignore[arg-type]  # numpy's stub: a key could be allow_pickle
-            os.replace(tmp, self.path / SAMPLES)
+            samples = {k: v for k, v in samples.items() if not k.startswith(f"{record.id}:")}
+            samples.update({f"{record.id}:{k}": np.asarray(v)[:n] for k, v in outputs.items()})
+            _write_samples(self.path, samples)
         arts[index] = record
-        arts.sort(key=lambda a: not (a.get("budget") or {}).get("passed", True))  # stable: else the order stays
-        self.manifest.setdefault("events", []).extend(events)
-        if (self.path / "report.md").is_file():
-            (self.path / "report.md").write_text(markdown_report(self.manifest))
-        if (self.path / "report.html").is_file():
-            from .htmlreport import html_report
-
-            (self.path / "report.html").write_text(html_report(self.manifest))
-        write_manifest(self.path, self.manifest)
+        arts.sort(key=lambda a: not a.budget.get("passed", True))  # stable: else the order stays
+        self.record.events.extend(events)
+        self.manifest = self.record.to_json()
+        _write_reports(self.path, self.manifest, only_existing=True)
+        self.manifest = _write_manifest(self.path, self.record).to_json()

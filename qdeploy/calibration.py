@@ -526,18 +526,6 @@ class ActivationRanges:
     samples: int = 0
     nonfinite: dict[str, str] = field(default_factory=dict)
 
-    def save_ort_cache(self, path: Path, tensors: Iterable[str] | None = None) -> Path:
-        """Write the ranges (all, or those of ``tensors``) as onnxruntime's calibration cache, so that
-        ``quantize_static(..., calibration_cache_path=path)`` quantizes with them instead of calibrating again."""
-        from onnxruntime.quantization import CalibrationMethod
-        from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-
-        names = self.ranges if tensors is None else [t for t in tensors if t in self.ranges]
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
-            n: TensorData(lowest=np.array(self.ranges[n][0], np.float32), highest=np.array(self.ranges[n][1], np.float32))
-            for n in names}), path)
-        return path
-
     def get(self, tensor: str) -> tuple[float, float]:
         if tensor not in self.ranges:
             raise KeyError(f"no calibrated range for tensor {tensor!r}")

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
-from typing import Any
 
 from . import __version__
 from .errors import DataError, QDeployError

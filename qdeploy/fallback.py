@@ -18,7 +18,7 @@ import numpy as np
 from .backend import Artifact, Backend, Capabilities
 from .errors import BackendError
 from .profiles import BackendTarget
-from .spec import PRECISIONS, QUANTIZED, PerChannel, PerTensor, QuantSpec, summarize_precision
+from .spec import PRECISIONS, QUANTIZED, PerChannel, PerTensor, QuantSpec
 
 REASON_CODES = ("BACKEND_UNAVAILABLE", "MODEL_FORMAT_UNSUPPORTED", "OP_UNSUPPORTED", "PRECISION_UNSUPPORTED",
                 "GRANULARITY_UNSUPPORTED", "ACCURACY_BELOW_BUDGET", "BUILD_FAILED", "LOAD_FAILED", "RUNTIME_ERROR",

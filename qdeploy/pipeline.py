@@ -13,15 +13,15 @@ import numpy as np
 
 from . import __version__
 from .backend import OrtRunner
-from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output, write_manifest
+from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output
 from .calibration import Dataset, collect_ranges, open_data
 from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, StrictPolicyError
 from .fallback import OBJECTIVES, Events, Resolution, initial_layer_precisions, resolve
 from .model import ModelHandle, load_model, random_inputs
 from .run import DeployContext, FallbackRun, moved_layers, needs_ranges
 from .plugins import Registry, get_registry
+from .records import ArtifactRecord, Manifest
 from .profiles import Profile, detect_profile_name, load_profile_file, resolve_threads
-from .report import markdown_report
 from .sensitivity import compute as sensitivity_table
 from .spec import HIGHER_IS_BETTER, POLICIES, QUANTIZED, QuantSpec, load_spec
 from .verify import Reference, batch_for, budget_output, check_budget, run_all, run_reference, side_by_side
@@ -220,17 +220,15 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     events = Events(echo, registry.emit, warn=spec.fallback.policy == "warn")
     ctx = DeployContext(model, calib_ds, reference, out_name, threads, work, events, echo, progress, objective)
     try:
-        built = _run_entries(ctx, resolutions, staging, per_layer)
+        built, outputs = _run_entries(ctx, resolutions, staging, per_layer)
     finally:
         ctx.close()
     _refuse_empty(built, spec, profile, events)
     ref_lat, timing = _time_and_order(registry, staging, built, val_x, threads, echo)
-    samples = _samples(built, val_x, reference.outputs, out_name)
-    np.savez(staging / SAMPLES, **samples)
+    samples = _samples(built, outputs, val_x, reference.outputs, out_name)
     manifest = _manifest(model, spec, profile, calib, calib_ds, ctx, val_x, val_source, staging, ref_lat, timing,
                          out_name, built, events)
-    _write_reports(staging, manifest)
-    return write_manifest(staging, manifest)
+    return Bundle.write(staging, manifest, samples).to_json()
 
 
 def _intake(model_src: Any, staging: Path, input_shape: Any, spec: QuantSpec, echo: Echo) -> ModelHandle:
@@ -286,9 +284,11 @@ def _reference(registry: Registry, model: ModelHandle, spec: QuantSpec, val_x: d
 
 
 def _run_entries(ctx: DeployContext, resolutions: list[Resolution], staging: Path,
-                 per_layer: bool) -> list[dict[str, Any]]:
-    """Each profile entry in order: its resolution's events, then its fallback run; the artifacts kept."""
-    built: list[dict[str, Any]] = []
+                 per_layer: bool) -> tuple[list[ArtifactRecord], dict[str, dict[str, np.ndarray]]]:
+    """Each profile entry in order: its resolution's events, then its fallback run; the artifacts kept, and
+    their outputs on the validation data (by artifact id)."""
+    built: list[ArtifactRecord] = []
+    outputs: dict[str, dict[str, np.ndarray]] = {}
     for res in resolutions:
         run = FallbackRun(ctx, res) if res.runnable else None  # may add resolution events (layer overrides)
         res.emit_all(ctx.events)
@@ -304,11 +304,12 @@ def _run_entries(ctx: DeployContext, resolutions: list[Resolution], staging: Pat
         if not best.budget.passed and run.strict:
             raise BudgetNotMet(f"accuracy budget not met and policy is strict: {run.label}: "
                                f"{best.budget.describe()}")
-        built.append(run.record(best, staging))
-    return built
+        record, outputs[record.id] = run.record(best, staging)
+        built.append(record)
+    return built, outputs
 
 
-def _refuse_empty(built: list[dict[str, Any]], spec: QuantSpec, profile: Profile, events: Events) -> None:
+def _refuse_empty(built: list[ArtifactRecord], spec: QuantSpec, profile: Profile, events: Events) -> None:
     if built:
         return
     if spec.fallback.policy == "strict":  # every entry refused or failed, and strict moves on to nothing
@@ -318,7 +319,7 @@ def _refuse_empty(built: list[dict[str, Any]], spec: QuantSpec, profile: Profile
     raise NothingBuilt(f"no backend of profile {profile.name} could build this model here ({why})")
 
 
-def _time_and_order(registry: Registry, staging: Path, built: list[dict[str, Any]], val_x: dict[str, np.ndarray],
+def _time_and_order(registry: Registry, staging: Path, built: list[ArtifactRecord], val_x: dict[str, np.ndarray],
                     threads: int, echo: Echo) -> tuple[float, dict[str, Any]]:
     """Time every artifact against the reference side by side, then order the serving chain: artifacts that met
     the budget first -- among them, those with no latency here (simulated: their runtime is not on this host, and
@@ -327,54 +328,45 @@ def _time_and_order(registry: Registry, staging: Path, built: list[dict[str, Any
     echo(f"timing: the FP32 reference and {len(built)} artifact(s) side by side, {threads} thread(s) each")
     ref_lat, timing = _time_side_by_side(registry, staging / "reference.onnx", staging, built, val_x, threads)
     order = {id(a): i for i, a in enumerate(built)}
-    built.sort(key=lambda a: (not a["budget"]["passed"],
-                              0.0 if not a["budget"]["passed"] or a["latency_ms"] is None else a["latency_ms"],
+    built.sort(key=lambda a: (not a.passed, 0.0 if not a.passed or a.latency_ms is None else a.latency_ms,
                               order[id(a)]))
     ref_size = path_size(staging / "reference.onnx")
     for i, a in enumerate(built):
-        a["chain_reason"] = _chain_reason(a, i, built)
-        a["size_vs_fp32"] = a["size_bytes"] / ref_size
+        a.chain_reason = _chain_reason(a, i, built)
+        a.size_vs_fp32 = a.size_bytes / ref_size
     return ref_lat, timing
 
 
-def _samples(built: list[dict[str, Any]], val_x: dict[str, np.ndarray], ref_out: Any,
-             out_name: str) -> dict[str, Any]:
+def _samples(built: list[ArtifactRecord], outputs: dict[str, dict[str, np.ndarray]], val_x: dict[str, np.ndarray],
+             ref_out: Any, out_name: str) -> dict[str, Any]:
     """Warm-up samples: the first inputs, the reference's and each artifact's outputs on them; and each
     artifact's per-sample error distribution (the full outputs are dropped here)."""
     samples: dict[str, Any] = {f"input:{k}": v[:WARMUP_SAMPLES] for k, v in val_x.items()}
     samples.update({f"reference:{k}": v[:WARMUP_SAMPLES] for k, v in ref_out.items()})
     for a in built:
-        outs = a.pop("_outputs")
-        a["error_per_sample"] = _error_histogram(ref_out[out_name], outs[out_name])
-        samples.update({f"{a['id']}:{k}": v[:WARMUP_SAMPLES] for k, v in outs.items()})
+        outs = outputs.pop(a.id)
+        a.error_per_sample = _error_histogram(ref_out[out_name], outs[out_name])
+        samples.update({f"{a.id}:{k}": v[:WARMUP_SAMPLES] for k, v in outs.items()})
     return samples
 
 
 def _manifest(model: ModelHandle, spec: QuantSpec, profile: Profile, calib: Any, calib_ds: Dataset | None,
               ctx: DeployContext, val_x: dict[str, np.ndarray], val_source: str, staging: Path, ref_lat: float,
-              timing: dict[str, Any], out_name: str, built: list[dict[str, Any]], events: Events) -> dict[str, Any]:
+              timing: dict[str, Any], out_name: str, built: list[ArtifactRecord], events: Events) -> Manifest:
     ref_path = staging / "reference.onnx"
-    return {
-        "qdeploy_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": model.describe(), "spec": spec.to_dict(),
-        "profile": {"name": profile.name, "sha256": profile.sha256, "data": profile.to_dict()},
-        "calibration": {"samples": calib_ds.count if calib_ds else 0, "method": spec.activations.method,
-                        "from_cache": ctx.ranges_cached,
-                        "nonfinite": {t: why for r in ctx.range_cache.values() for t, why in r.nonfinite.items()},
-                        "source": str(calib) if isinstance(calib, (str, Path)) else "python"},
-        "validation": {"samples": len(next(iter(val_x.values()))), "source": val_source},
-        "reference": {"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": path_size(ref_path),
-                      "latency_ms": ref_lat, "metrics": dict(ctx.reference.metrics[out_name])},
-        "latency_measured_on": {**_latency_host(val_x), **timing},
-        "budget_output": out_name, "artifacts": built, "events": events.items, "samples": SAMPLES,
-    }
-
-
-def _write_reports(staging: Path, manifest: dict[str, Any]) -> None:
-    from .htmlreport import html_report
-
-    (staging / "report.md").write_text(markdown_report(manifest))
-    (staging / "report.html").write_text(html_report(manifest))
+    return Manifest(
+        qdeploy_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=model.describe(), spec=spec.to_dict(),
+        profile={"name": profile.name, "sha256": profile.sha256, "data": profile.to_dict()},
+        calibration={"samples": calib_ds.count if calib_ds else 0, "method": spec.activations.method,
+                     "from_cache": ctx.ranges_cached,
+                     "nonfinite": {t: why for r in ctx.range_cache.values() for t, why in r.nonfinite.items()},
+                     "source": str(calib) if isinstance(calib, (str, Path)) else "python"},
+        validation={"samples": len(next(iter(val_x.values()))), "source": val_source},
+        reference={"path": "reference.onnx", "sha256": path_sha256(ref_path), "size_bytes": path_size(ref_path),
+                   "latency_ms": ref_lat, "metrics": dict(ctx.reference.metrics[out_name])},
+        latency_measured_on={**_latency_host(val_x), **timing},
+        budget_output=out_name, artifacts=built, events=events.items, samples=SAMPLES)
 
 
 def _latency_host(val_x: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -398,7 +390,7 @@ def _latency_host(val_x: dict[str, np.ndarray]) -> dict[str, Any]:
                     "the same intra-op threads; vs-FP32 ratios are the median of per-round ratios"}
 
 
-def _time_side_by_side(registry: Registry, ref_path: Path, staging: Path, built: list[dict[str, Any]],
+def _time_side_by_side(registry: Registry, ref_path: Path, staging: Path, built: list[ArtifactRecord],
                        val_x: dict[str, np.ndarray], threads: int) -> tuple[float, dict[str, Any]]:
     """Time the reference and every artifact that runs on its real runtime here, interleaved; fill each
     artifact's ``latency_ms``/``latency_vs_fp32``/``latency`` and return the reference's median and the
@@ -406,21 +398,21 @@ def _time_side_by_side(registry: Registry, ref_path: Path, staging: Path, built:
     runners: dict[str, Any] = {"reference": OrtRunner(ref_path, threads=threads)}
     try:
         for a in built:
-            a["latency_ms"] = a["latency_vs_fp32"] = None
-            backend = registry.backends[a["backend"]]  # it built this artifact in this process
-            runner = backend.runner(staging / a["path"], {**a["meta"], "threads": threads})
+            a.latency_ms = a.latency_vs_fp32 = None
+            backend = registry.backends[a.backend]  # it built this artifact in this process
+            runner = backend.runner(staging / a.path, {**a.meta, "threads": threads})
             if runner.simulated:
                 runner.close()
                 continue
-            runners[a["id"]] = runner
+            runners[a.id] = runner
         timing = side_by_side(runners, val_x, reference="reference")
     finally:
         for r in runners.values():
             r.close()
     for a in built:
-        if a["id"] in timing:
-            t = timing[a["id"]]
-            a["latency_ms"], a["latency_vs_fp32"], a["latency"] = t.median_ms, t.vs_reference, t.as_dict()
+        if a.id in timing:
+            t = timing[a.id]
+            a.latency_ms, a.latency_vs_fp32, a.latency = t.median_ms, t.vs_reference, t.as_dict()
     ref = timing["reference"]
     return ref.median_ms, {"threads": threads, "rounds": ref.rounds, "method": "side-by-side",
                            "reference": ref.as_dict()}
@@ -438,13 +430,13 @@ def _error_histogram(ref: np.ndarray, out: np.ndarray, bins: int = 30) -> dict[s
             "quantiles": {q: float(np.quantile(err, int(q[1:]) / 100)) for q in ("p50", "p90", "p99", "p100")}}
 
 
-def _chain_reason(art: dict[str, Any], i: int, chain: list[dict[str, Any]]) -> str:
+def _chain_reason(art: ArtifactRecord, i: int, chain: list[ArtifactRecord]) -> str:
     """Why this artifact sits at position ``i`` of the serving chain, in words for metadata and the report."""
-    if not art["budget"]["passed"]:
+    if not art.passed:
         return "missed its accuracy budget: served only after every artifact that met it"
-    if art["latency_ms"] is None:
+    if art.latency_ms is None:
         return ("met its budget; not timed here (its runtime is not on this host, so it serves only where it is): "
                 "kept in the profile's order, before the artifacts measured here")
-    faster = [a["id"] for a in chain[:i] if a["budget"]["passed"] and a["latency_ms"] is not None]
-    return (f"met its budget; {art['latency_ms']:.3g} ms per batch measured side by side: "
+    faster = [a.id for a in chain[:i] if a.passed and a.latency_ms is not None]
+    return (f"met its budget; {art.latency_ms:.3g} ms per batch measured side by side: "
             + ("the fastest" if not faster else f"after {', '.join(faster)} (faster)"))

@@ -4,7 +4,7 @@
 ranges it gave (calibrated once per observer setting), the FP32 reference run, the console and the event log.
 :class:`FallbackRun` owns build -> verify -> rank -> promote for one profile entry, with the fallback policy
 decided here: a backend only builds what it is asked and reports what it actually built (its artifact's
-``layer_precisions``, and ``plan.state["layer_reasons"]`` for layers it moved); it never reads the policy.
+``layer_precisions``, and ``plan.reasons`` for layers it moved); it never reads the policy.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from .calibration import ActivationRanges, Dataset, collect_ranges, unranged_lay
 from .errors import BackendError, QDeployError, StrictPolicyError
 from .fallback import Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions
 from .model import ModelHandle
+from .records import ArtifactRecord, LayerMove
 from .sensitivity import compute as sensitivity_table
 from .spec import HIGHER_IS_BETTER, QUANTIZED, QuantSpec, summarize_precision
 from .verify import Reference, side_by_side, verify_artifact
@@ -40,8 +41,7 @@ def needs_ranges(spec: QuantSpec, model: ModelHandle) -> bool:
 
 def moved_layers(res: Resolution, asked: dict[str, str], plan: Plan) -> list[tuple[str, str, str, str]]:
     """``(layer, asked, built, why)`` for each layer the backend's plan builds in another precision."""
-    reasons = plan.state.get("layer_reasons", {}) if isinstance(plan.state, dict) else {}
-    return [(name, want, got, reasons.get(name) or f"{res.target.backend} cannot build it in {want} here")
+    return [(name, want, got, plan.reasons.get(name) or f"{res.target.backend} cannot build it in {want} here")
             for name, want in asked.items() if (got := plan.layer_precisions.get(name, want)) != want]
 
 
@@ -169,6 +169,7 @@ class FallbackRun:
         self.costs: dict[str, float] = {}
         self.worst: list[int] = []  # the samples the ranking measured on
         self.changed: set[tuple[str, str, str]] = set()
+        self.moves: dict[str, LayerMove] = {}  # the latest move of each layer, for the kept artifact's record
         self.trials: list[Trial] = []
 
     # ------------------------------------------------------------------ the steps the search drives
@@ -351,8 +352,8 @@ class FallbackRun:
                  + f" ({time.perf_counter() - start:.0f} s)")
         return dataclasses.replace(ctx.model, onnx_path=path, sha256=sha256_file(path)), summary
 
-    def record(self, trial: Trial, staging: Path) -> dict[str, Any]:
-        """Move the kept artifact into the bundle and describe it for the manifest."""
+    def record(self, trial: Trial, staging: Path) -> tuple[ArtifactRecord, dict[str, np.ndarray]]:
+        """Move the kept artifact into the bundle; its manifest record, and its outputs on the validation data."""
         art = trial.artifact
         precision = summarize_precision(art.layer_precisions) if art.layer_precisions else art.precision
         ident = f"{self.label.replace(':', '-')}-{precision.replace('mixed ', 'mixed-').replace('/', '-')}"
@@ -360,31 +361,33 @@ class FallbackRun:
         dest.parent.mkdir(exist_ok=True)
         shutil.move(str(art.path), dest)
         trials = self.trials or [trial]
-        return {"id": ident, "backend": self.res.target.backend, "target": self.label, "precision": precision,
-                "path": dest.relative_to(staging).as_posix(), "sha256": path_sha256(dest),
-                "size_bytes": path_size(dest), "latency_ms": None, "latency_vs_fp32": None,
-                **trial.verification.as_record(),
-                "layer_precisions": art.layer_precisions, "spec": self.spec.to_dict(), "meta": art.meta,
-                "trials": len(trials), "sensitivity": self.sensitivity, "_outputs": trial.outputs,
-                "transforms": self.transforms,
-                "front": {"objective": self.ctx.objective, "chosen": trials.index(trial),
-                          "points": [t.point(i, self.res.ladder[0]) for i, t in enumerate(trials)],
-                          "note": "every verified configuration of this entry; latency_vs_fp32 from a short "
-                                  "side-by-side timing per trial (the artifact's own figure comes from the final "
-                                  "one)"}}
+        moved = [m for m in self.moves.values() if art.layer_precisions.get(m.layer) == m.built]
+        verified = trial.verification.as_record()
+        record = ArtifactRecord(
+            id=ident, backend=self.res.target.backend, target=self.label, precision=precision,
+            path=dest.relative_to(staging).as_posix(), sha256=path_sha256(dest), size_bytes=path_size(dest),
+            verified_on=verified["verified_on"], verification=verified["verification"], metrics=verified["metrics"],
+            metrics_per_output=verified["metrics_per_output"], budget=verified["budget"],
+            layer_precisions=art.layer_precisions, spec=self.spec.to_dict(), meta=art.meta, moved_layers=moved,
+            trials=len(trials), sensitivity=self.sensitivity, transforms=self.transforms,
+            front={"objective": self.ctx.objective, "chosen": trials.index(trial),
+                   "points": [t.point(i, self.res.ladder[0]) for i, t in enumerate(trials)],
+                   "note": "every verified configuration of this entry; latency_vs_fp32 from a short side-by-side "
+                           "timing per trial (the artifact's own figure comes from the final one)"})
+        return record, trial.outputs
 
     # ------------------------------------------------------------------ what the backend built
     def _keep_unranged_float(self, plan: Plan) -> None:
         """Layers whose activations have no finite range stay float, whatever the backend (an event each)."""
         for name, why in unranged_layers(plan.model.layers, plan.layer_precisions, self.ranges, QUANTIZED).items():
             plan.layer_precisions[name] = "fp32"
-            if isinstance(plan.state, dict):
-                plan.state.setdefault("layer_reasons", {})[name] = why
+            plan.reasons[name] = why
 
     def _record_translation(self, asked: dict[str, str], plan: Plan) -> None:
         """A backend may build a layer in another precision than asked (a format limit): never silently. Each
         change is a ``PRECISION_UNSUPPORTED`` event (once per layer and change); ``strict`` refuses it."""
         for name, want, got, why in moved_layers(self.res, asked, plan):
+            self.moves[name] = LayerMove(name, want, got, why)
             if (name, want, got) in self.changed:
                 continue
             self.changed.add((name, want, got))

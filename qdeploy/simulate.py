@@ -10,8 +10,7 @@ at a time, the damage measured on the budget output. It runs on onnxruntime, whi
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np

@@ -112,7 +112,7 @@ class OnnxRuntimeBackend(Backend):
         if "int8" in used and mode == "none":
             raise BackendError("weight-only INT8 is not an onnxruntime format; use static or dynamic activations",
                                "PRECISION_UNSUPPORTED")
-        return Plan(self.name, model, spec, target, lp, state={"layer_reasons": reasons})
+        return Plan(self.name, model, spec, target, lp, reasons=reasons)
 
     def build(self, plan: Plan, workdir: Path) -> Artifact:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ class OnnxRuntimeBackend(Backend):
         unranged = sorted(n for n, (op, ts) in _float_io(source).items()
                           if op in recipe and any(t not in plan.ranges.ranges for t in ts))
         exclude = sorted(set(float_nodes) | set(unranged))
-        cache = plan.ranges.save_ort_cache(workdir / "calibration.json")  # qdeploy's ranges, ORT's cache format
+        cache = ort_calibration_cache(plan.ranges.ranges, workdir / "calibration.json")
         act_type = QuantType.QInt8 if target.activation_dtype == "int8" else QuantType.QUInt8
         per_channel = spec.weights.granularity.type == "per_channel"
         if per_channel and model.opset < 13:  # intake could not upgrade the graph: per-tensor, said
@@ -251,3 +251,17 @@ def _strip_debug_metadata(path: Path) -> None:
 @hookimpl
 def qdeploy_register_backends(register: Any) -> None:
     register(OnnxRuntimeBackend())
+
+
+def ort_calibration_cache(ranges: Mapping[str, tuple[float, float]], path: Path) -> Path:
+    """qdeploy's calibrated ``(lo, hi)`` ranges in onnxruntime's calibration-cache format, so that
+    ``quantize_static(..., calibration_cache_path=path)`` quantizes with them instead of calibrating again.
+    (onnxruntime's format, so it lives with the plugins that call onnxruntime's quantizer.)"""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+        n: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+        for n, (lo, hi) in ranges.items()}), path)
+    return path

@@ -59,15 +59,13 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from qdeploy.backend import ActivationRanges
-
     fp8_nodes = list(fp8_nodes)
     int8_only = list(int8_nodes)
     int8_nodes = int8_only + fp8_nodes  # placed together; the FP8 layers' pairs are retyped below
     proto = onnx.load(str(reference))
     weighted = [n.name for n in proto.graph.node if n.op_type in WEIGHTED_OPS]
     cache = workdir / "calibration_cache.json"
-    ActivationRanges("calibrated", dict(ranges)).save_ort_cache(cache)  # ORT's own cache format
+    ort_calibration_cache(ranges, cache)
     with quiet(""):
         quantize_static(
             str(reference), str(out), calibration_data_reader=None, calibration_cache_path=cache,
@@ -354,3 +352,16 @@ def with_float_rounding(proto: Any, nodes: Mapping[str, str]) -> Any:
                                                               name=f"{raw}_Cast"))
     return proto
 
+
+def ort_calibration_cache(ranges: Mapping[str, tuple[float, float]], path: Path) -> Path:
+    """qdeploy's calibrated ``(lo, hi)`` ranges in onnxruntime's calibration-cache format, so that
+    ``quantize_static(..., calibration_cache_path=path)`` quantizes with them instead of calibrating again.
+    (onnxruntime's format, so it lives with the plugins that call onnxruntime's quantizer.)"""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+        n: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+        for n, (lo, hi) in ranges.items()}), path)
+    return path

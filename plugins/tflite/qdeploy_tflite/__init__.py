@@ -188,9 +188,8 @@ class TFLiteBackend(Backend):
         if io_dtype not in ("float32", "int8"):
             raise BackendError(f"target option io_dtype={io_dtype!r}: use \"float32\" or \"int8\"", "BUILD_FAILED")
         state = {"kind": kind, "io_dtype": io_dtype if kind == "static" else "float32",
-                 "float_modules": sorted(n for n, p in lp.items() if p != "int8"), "full_integer": full_integer,
-                 "layer_reasons": reasons}
-        return Plan(self.name, model, spec, target, lp, state=state)
+                 "float_modules": sorted(n for n, p in lp.items() if p != "int8"), "full_integer": full_integer}
+        return Plan(self.name, model, spec, target, lp, state=state, reasons=reasons)
 
     def calibrate(self, plan: Plan, ranges: Any, data: Any) -> Plan:
         plan.ranges = ranges

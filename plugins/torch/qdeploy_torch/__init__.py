@@ -108,6 +108,7 @@ class TorchBackend(Backend):
         device = target.option("device", "cpu")
         state: dict[str, Any] = {"device": device, "engine": target.option("engine", "x86" if device == "cpu"
                                                                             else None)}
+        reasons: dict[str, str] = {}
         if is_prequantized(model.torch_module):
             if used - {"int8"} and spec.precision != "fp32":
                 raise BackendError("this model is already quantized (a converted QAT/PT2E graph): its layers' "
@@ -132,7 +133,6 @@ class TorchBackend(Backend):
                 if spec.weights.bits != 8:
                     raise BackendError(f"dynamic INT8 takes 8-bit weights, not {spec.weights.bits}-bit",
                                        "PRECISION_UNSUPPORTED")
-                reasons = state.setdefault("layer_reasons", {})
                 for name, layer in model.layers.items():  # convolutions stay fp32 under dynamic INT8
                     if lp.get(name) == "int8" and (layer.op_type not in DYNAMIC_OPS or
                                                    torch_layer(name, modules) is None):
@@ -148,7 +148,7 @@ class TorchBackend(Backend):
                 state["path"] = "pt2e" if state["engine"] in PT2E_ENGINES else "fx"
         else:
             state["path"] = "float"
-        return Plan(self.name, model, spec, target, lp, state=state)
+        return Plan(self.name, model, spec, target, lp, state=state, reasons=reasons)
 
     def calibrate(self, plan: Plan, ranges: Any, data: Any) -> Plan:
         plan.ranges = ranges
