@@ -45,7 +45,8 @@ class Capabilities:
     how artifacts are verified here: ``runtime`` (the real runtime on this CPU), ``gpu`` or ``simulated``.
     ``activation_modes`` lists ``static``/``dynamic``/``none`` support; ``weight_bits`` the weight widths;
     ``weight_symmetric_only`` makes the core translate asymmetric weights to symmetric (with an event) or refuse
-    them under ``strict``, whatever the device allows.
+    them under ``strict``, whatever the device allows. ``oracle`` marks a backend that only ever simulates (the
+    built-in ``reference``): its ``simulated`` verification is what it is for, not a missing runtime.
     """
 
     available: bool
@@ -57,6 +58,7 @@ class Capabilities:
     weight_bits: tuple[int, ...] = (8,)
     verified_on: str = "runtime"
     weight_symmetric_only: bool = False
+    oracle: bool = False
 
 
 @dataclass

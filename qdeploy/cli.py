@@ -234,6 +234,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
             caps = reg.backends[name].capabilities(t)
             if not caps.available:
                 state = f"unavailable: {caps.reason}"
+            elif caps.oracle:
+                state = (f"built in: {', '.join(caps.precisions)} as the spec's exact numerics (fake quantization), "
+                         f"verified by simulation, never served")
             elif caps.verified_on == "simulated":  # as `check` and `deploy` say it: BACKEND_UNAVAILABLE
                 state = (f"runtime unavailable here{f' ({caps.reason})' if caps.reason else ''}: builds "
                          f"{', '.join(caps.precisions)} artifacts for the target, verified only by simulation "

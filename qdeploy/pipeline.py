@@ -88,7 +88,7 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
             if res.runnable:
                 layers, _ = initial_layer_precisions(res, handle.layers)
                 layers = _check_translation(res, handle, layers)
-                if res.caps and res.caps.verified_on == "simulated":  # as the deploy records when it builds it
+                if res.caps and res.caps.verified_on == "simulated" and not res.caps.oracle:  # as deploy records it
                     res.note("BACKEND_UNAVAILABLE", f"the {res.target.backend} runtime is not available here"
                              f"{f' ({res.caps.reason})' if res.caps.reason else ''}: its artifact is built for the "
                              f"target and verified only by simulation")

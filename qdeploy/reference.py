@@ -37,7 +37,7 @@ class ReferenceBackend(Backend):
         return Capabilities(True, precisions=("int8", "fp8", "fp32"),
                             granularities=("per_tensor", "per_channel", "per_group"), model_formats=("onnx",),
                             activation_modes=("static", "none"), weight_bits=(2, 3, 4, 5, 6, 7, 8),
-                            verified_on="simulated")
+                            verified_on="simulated", oracle=True)
 
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
         if model.prequantized:
