@@ -49,12 +49,38 @@ class LayerMove:
         return cls(*(str(_need(d, k, str, where)) for k in ("layer", "requested", "built", "reason")))
 
 
-_NUMBER = (int, float)
 _OPTIONAL_NUMBER = (int, float, type(None))
 
 
+class _Record:
+    """``to_json`` and the shared half of ``from_json`` for the dataclasses below: declared fields in order
+    (``_OMIT_NONE`` ones left out while None, ``_NESTED`` lists of records serialised), then ``extra``."""
+
+    _REQUIRED: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ()
+    _NESTED: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
+            value = getattr(self, f.name)
+            if f.name == "extra" or f.name in self._OMIT_NONE and value is None:
+                continue
+            d[f.name] = [v.to_json() for v in value] if f.name in self._NESTED else value
+        d.update(getattr(self, "extra"))
+        return d
+
+    @classmethod
+    def _parse(cls, d: Any, where: str) -> dict[str, Any]:
+        """The required fields, type-checked, and ``extra``: the keys no field declares."""
+        kw = {k: _need(d, k, kind, where) for k, kind in cls._REQUIRED.items()}
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        return kw
+
+
 @dataclass
-class ArtifactRecord:
+class ArtifactRecord(_Record):
     """One artifact of a bundle: what it is, where it was verified and how well, how fast and big it is, and
     why it sits where it does in the serving chain."""
 
@@ -92,28 +118,18 @@ class ArtifactRecord:
     _OPTIONAL: ClassVar[dict[str, type | tuple[type, ...]]] = {"meta": dict, "latency_ms": _OPTIONAL_NUMBER, "latency_vs_fp32": _OPTIONAL_NUMBER,
                  "latency": (dict, type(None)), "size_vs_fp32": _OPTIONAL_NUMBER, "chain_reason": str,
                  "trials": int, "front": (dict, type(None)), "error_per_sample": (dict, type(None))}
+    _OMIT_NONE = ("latency", "front", "error_per_sample")  # absent, as before: a simulated artifact has no timing
+    _NESTED = ("moved_layers",)
 
     @property
     def passed(self) -> bool:
         return bool(self.budget.get("passed"))
 
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name == "extra":
-                continue
-            value = getattr(self, f.name)
-            if f.name in ("latency", "front", "error_per_sample") and value is None:
-                continue  # absent, as before: a simulated artifact has no timing
-            d[f.name] = [m.to_json() for m in value] if f.name == "moved_layers" else value
-        d.update(self.extra)
-        return d
-
     @classmethod
     def from_json(cls, d: Any, where: str = "manifest") -> ArtifactRecord:
         ident = d.get("id", "?") if isinstance(d, dict) else "?"
         at = f"{where}: artifact {ident}"
-        kw: dict[str, Any] = {k: _need(d, k, kind, at) for k, kind in cls._REQUIRED.items()}
+        kw = cls._parse(d, at)
         for k, kind in cls._OPTIONAL.items():
             if k in d:
                 kw[k] = _need(d, k, kind, at)
@@ -124,13 +140,11 @@ class ArtifactRecord:
         if not isinstance(moves, list):
             raise IntegrityError(f"{at}: 'moved_layers' is not a list; the bundle is damaged: deploy again")
         kw["moved_layers"] = [LayerMove.from_json(m, at) for m in moves]
-        known = {f.name for f in fields(cls)}
-        kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
 
 
 @dataclass
-class Manifest:
+class Manifest(_Record):
     """A whole ``manifest.json``. ``files`` (the integrity map) and ``schema_version`` are filled by the
     writer."""
 
@@ -154,19 +168,10 @@ class Manifest:
     _REQUIRED = {"qdeploy_version": str, "created": str, "model": dict, "spec": dict, "profile": dict,
                  "calibration": dict, "validation": dict, "reference": dict, "latency_measured_on": dict,
                  "budget_output": str, "artifacts": list}
+    _NESTED = ("artifacts",)
 
     def artifact(self, ident: str) -> ArtifactRecord | None:
         return next((a for a in self.artifacts if a.id == ident), None)
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name == "extra":
-                continue
-            value = getattr(self, f.name)
-            d[f.name] = [a.to_json() for a in value] if f.name == "artifacts" else value
-        d.update(self.extra)
-        return d
 
     @classmethod
     def from_json(cls, d: Any, where: str = "manifest") -> Manifest:
@@ -174,8 +179,8 @@ class Manifest:
         version = d.get("schema_version") if isinstance(d, dict) else None
         if version not in READABLE_SCHEMAS:  # another qdeploy's bundle, not a damaged one
             raise BundleError(f"{where}: bundle schema version {version!r} is unknown; this qdeploy reads "
-                                 f"versions {', '.join(map(str, READABLE_SCHEMAS))}: deploy again with this version")
-        kw: dict[str, Any] = {k: _need(d, k, kind, where) for k, kind in cls._REQUIRED.items()}
+                              f"versions {', '.join(map(str, READABLE_SCHEMAS))}: deploy again with this version")
+        kw = cls._parse(d, where)
         events = d.get("events", [])
         if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
             raise IntegrityError(f"{where}: the manifest's 'events' is not a list of records; the bundle is damaged")
@@ -185,8 +190,6 @@ class Manifest:
                 a.moved_layers = moves_from_events(events, a.target)
         kw.update(artifacts=arts, events=events, samples=str(d.get("samples", "samples.npz")),
                   files=dict(d.get("files") or {}), schema_version=SCHEMA_VERSION)
-        known = {f.name for f in fields(cls)}
-        kw["extra"] = {k: v for k, v in d.items() if k not in known}
         return cls(**kw)
 
 
