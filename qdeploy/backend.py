@@ -175,6 +175,10 @@ class Backend(ABC):
         (measured slow paths, for instance). Optional."""
         return []
 
+    def release(self) -> None:
+        """Drop what the backend kept between the builds of one profile entry's fallback run (a model's exported
+        or calibrated graphs, say). The core calls it when the entry's run ends, kept artifact or not. Optional."""
+
 
 def threads_of(meta: Mapping[str, Any]) -> int:
     """The intra-op thread count the core asked a runner for (``meta["threads"]``); 0 leaves the runtime's

@@ -254,6 +254,8 @@ class FallbackRun:
                 raise StrictPolicyError(f"{self.label}: [{exc.code}] {exc}; policy is strict: no fallback to the "
                                         f"next backend") from None
             return None
+        finally:
+            self.backend.release()
         for code, message in best.artifact.events:
             self.ctx.events.emit(code, self.label, message)
         if per_layer and not self.sensitivity and self.res.ladder[0] in QUANTIZED:

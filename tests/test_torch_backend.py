@@ -3,6 +3,7 @@ digits example, the compiled fast path, FX engines, dynamic INT8, float paths, f
 agreement with ONNX Runtime, and the errors bad inputs get."""
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -359,3 +360,39 @@ def test_fallback_loop_promotes_layers_in_torch(digits_data, tmp_path):
     promotions = [e for e in b.manifest["events"] if e.get("action") == "promote"]
     assert promotions and art["trials"] == len(promotions) + 1  # one event per verification that promoted
     assert art["budget"]["passed"] and set(art["layer_precisions"].values()) - {"int8"}
+
+
+def test_trials_reuse_one_export_and_one_calibration(digits_data, tmp_path):
+    """A fallback run's trials differ only in which layers stay float: the torch backend exports and calibrates
+    the model once (every layer observed), and a trial's observers are the calibrated ones of the edges it
+    watches. The result is exactly what a fresh export + calibration of that trial gives."""
+    from types import SimpleNamespace
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from qdeploy.calibration import open_data
+    from qdeploy.model import load_model
+    from qdeploy.spec import QuantSpec
+    from qdeploy_torch import build as b
+    from qdeploy_torch import quantize as q
+
+    calib, _ = digits_data
+    handle = load_model(DIGITS, tmp_path / "m.onnx", "1x1x8x8")
+    data = open_data(calib, handle, "calibration")
+    plan = SimpleNamespace(spec=QuantSpec.from_dict(MINMAX), target=target("x86-avx512-vnni", "torch:x86"),
+                           state={"data": data}, model=handle)
+    module = handle.torch_module.eval()
+    example = b.example_inputs(plan, 32)
+    x = torch.from_numpy(next(data.batches(64))[0][handle.inputs[0].name])
+    b.release()
+    with b.quiet(), torch.no_grad():
+        _, n, reused = b._prepared_from_cache(plan, module, example, {})
+        assert not reused and n == data.count  # the first trial exports and calibrates
+        for keep in ({}, {"conv2": "fp32"}, {"conv1": "fp32", "fc1": "fp32"}):
+            trial, n2, reused = b._prepared_from_cache(plan, module, example, keep)
+            assert reused and n2 == n, keep
+            fresh = prepare_pt2e(q.export_for_quantization(copy.deepcopy(module), example, "m"), b._quantizer(plan, keep))
+            b._calibrate(plan, fresh, example)
+            assert torch.equal(convert_pt2e(trial)(x), convert_pt2e(fresh)(x)), keep
+    b.release()
+    assert not b._CALIBRATED

@@ -155,6 +155,13 @@ class TorchBackend(Backend):
         plan.state["data"] = data  # torch observes the calibration data itself, with the spec's method
         return plan
 
+    def release(self) -> None:
+        import sys
+
+        build = sys.modules.get(f"{__name__}.build")  # imported only once something was built
+        if build is not None:
+            build.release()
+
     def build(self, plan: Plan, workdir: Path) -> Artifact:
         from . import build as b
 
