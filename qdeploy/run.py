@@ -187,8 +187,11 @@ class FallbackRun:
             runner = backend.runner(art.path, {**art.meta, "threads": ctx.threads})
             stage = "run"
             try:
+                shown = ctx.progress
+                cb = (lambda d, n: shown(f"verify {self.label} trial {i}", d, n)) if shown else None
                 v = verify_artifact(runner, ctx.reference, self.spec.budget, ctx.out_name,
-                                    where={"kind": self.caps.verified_on, **(art.meta.get("verified_on") or {})})
+                                    where={"kind": self.caps.verified_on, **(art.meta.get("verified_on") or {})},
+                                    progress=cb)
                 speed = None if runner.simulated else side_by_side(
                     {"ref": ctx.timer(), "art": runner}, ctx.reference.inputs, rounds=10, budget_s=1.0,
                     reference="ref", warmup=1)["art"].vs_reference
@@ -199,8 +202,6 @@ class FallbackRun:
         except Exception as exc:
             code, msg = failure_event(exc, stage)
             raise BackendError(msg, code) from exc
-        if ctx.progress:
-            ctx.progress(f"verify {self.label}", i + 1, i + 1)
         ctx.echo(f"{self.label}: trial {i}: {summarize_precision(art.layer_precisions)}: {v.budget.describe()} -> "
                  f"{'pass' if v.budget.passed else 'below budget'}")
         return Trial(art, v.metrics, v.budget, dict(v.outputs), speed, path_size(art.path), v)

@@ -133,11 +133,17 @@ def batch_for(inputs: Mapping[str, np.ndarray], most: int) -> int:
     return max(1, min(most, n, BATCH_INPUT_BYTES // per_sample))
 
 
-def run_all(runner: Runner, inputs: Mapping[str, np.ndarray], batch: int | None = None) -> dict[str, np.ndarray]:
-    """Run every sample of ``inputs`` in batches (:func:`batch_for` of 64 unless given) and concatenate."""
+def run_all(runner: Runner, inputs: Mapping[str, np.ndarray], batch: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Run every sample of ``inputs`` in batches (:func:`batch_for` of 64 unless given) and concatenate;
+    ``progress(done, total)`` after each batch (a slow runtime can take minutes over a validation set)."""
     batch = batch or batch_for(inputs, 64)
     n = len(next(iter(inputs.values())))
-    parts = [runner.infer({k: v[i:i + batch] for k, v in inputs.items()}) for i in range(0, n, batch)]
+    parts = []
+    for i in range(0, n, batch):
+        parts.append(runner.infer({k: v[i:i + batch] for k, v in inputs.items()}))
+        if progress is not None:
+            progress(min(i + batch, n), n)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -289,9 +295,11 @@ class Verification:
 
 
 def verify_artifact(runner: Runner, reference: Reference, budget: Budget, output: str | None = None,
-                    where: Mapping[str, Any] | None = None, recorded: Recorded | None = None) -> Verification:
+                    where: Mapping[str, Any] | None = None, recorded: Recorded | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Verification:
     """Run ``runner`` on the reference's inputs, compute every metric of every output against the reference's
     outputs and check ``budget`` on ``output`` (default: ``budget.output``, else the first output).
+    ``progress(done, total)``: samples run so far.
 
     ``where`` describes where the runner runs (``kind``, ``runtime``, ``device``, ...); ``kind`` defaults to
     ``runtime``, and a runner that says it is ``simulated`` is verified ``simulated``, whatever ``where`` claims.
@@ -303,7 +311,7 @@ def verify_artifact(runner: Runner, reference: Reference, budget: Budget, output
     missing."""
     names = list(reference.outputs)
     output = output or budget_output(budget, names)
-    outputs = run_all(runner, reference.inputs)
+    outputs = run_all(runner, reference.inputs, progress=progress)
     missing = [o for o in names if o not in outputs]
     if missing:
         raise DataError(f"the artifact gives no output {missing}; the reference gives {names}")

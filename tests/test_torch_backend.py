@@ -81,6 +81,20 @@ def test_check_reports_qnnpack_slow_on_x86():
     assert entry["runnable"] and any("qnnpack" in w and "slower than FP32" in w for w in entry["warnings"])
 
 
+def test_check_warns_of_slow_depthwise_int8_on_fx_engines(tmp_path):
+    """fbgemm's INT8 depthwise convolutions were measured ~10x slower than FP32 on EfficientNet-Lite0: `check`
+    says so for a model that has them on an FX engine, and not on the x86 (PT2E) engine."""
+    f = tmp_path / "dw.py"
+    f.write_text("import torch\n"
+                 "def build():\n"
+                 "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8),\n"
+                 "                               torch.nn.ReLU()).eval()\n")
+    avx2 = qdeploy.check(f"{f}:build", target="x86-avx2", input_shape="1x3x16x16", backends=["torch"])
+    vnni = qdeploy.check(f"{f}:build", target="x86-avx512-vnni", input_shape="1x3x16x16", backends=["torch"])
+    assert any("depthwise" in w and "fbgemm" in w for w in avx2["entries"][0]["warnings"]), avx2
+    assert not any("depthwise" in w for w in vnni["entries"][0]["warnings"])
+
+
 def test_observer_per_method():
     from qdeploy.calibration import PercentileObserver
     from qdeploy.spec import ActivationSpec

@@ -78,6 +78,14 @@ class TorchBackend(Backend):
                          "FP32 (see benchmarks/bench_torch.py); the artifact is verified here but is only fast on "
                          "an ARM device")
         uses = {spec.precision} | {o.precision for o in spec.overrides}
+        depthwise = _depthwise_convs(getattr(model, "torch_module", None))
+        if device == "cpu" and engine in ("fbgemm", "onednn") and depthwise and spec.precision == "int8" \
+                and spec.activations.mode == "static":
+            notes.append(f"{len(depthwise)} depthwise convolution(s) (e.g. {depthwise[0]}): the {engine} engine's "
+                         f"INT8 depthwise kernels were measured about 10x slower than FP32 here (EfficientNet-Lite0: "
+                         f"quantized::conv2d 96% of the time, up to 255 ms a call at batch 4; FP32 ran the whole model "
+                         f"in 0.24 s), so its verification takes minutes per trial; the x86 engine (PT2E + Inductor, "
+                         f"the x86-avx512-* profiles) or onnxruntime are the fast INT8 paths for such models")
         if device == "cpu" and "fp16" in uses:
             notes.append("FP16 on a CPU runs through conversions, slower than FP32: a size format here")
         if device == "cpu" and "bf16" in uses and x86_host and "avx512_bf16" not in cpu_flags() \
@@ -184,3 +192,13 @@ def qdeploy_add_commands(subparsers: Any) -> None:
     from .cli import add_qat_command
 
     add_qat_command(subparsers)
+
+
+def _depthwise_convs(module: Any) -> list[str]:
+    """Module paths of the depthwise convolutions (groups == input channels > 1) of a PyTorch model."""
+    if module is None or not hasattr(module, "named_modules"):
+        return []
+    import torch
+
+    return [n for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
