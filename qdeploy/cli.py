@@ -147,6 +147,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"      [{ev['code']}] {ev['message']}")
         for w in e["warnings"]:
             print(f"      warning: {w}")
+        t = e.get("transforms")
+        if t and t["mode"] != "off":
+            on = [f"{k} ({v['apply']})" if isinstance(v["apply"], str) else k
+                  for k, v in t["transforms"].items() if v["apply"] is not False]
+            what = (", ".join(on) or "none would change this model") + ": " if t["transforms"] else ""
+            print(f"      transforms ({t['mode']}): {what}{t['reason']}")
     if not any(e["runnable"] for e in result["entries"]):
         print("nothing in this profile can run the model here")
         return 1

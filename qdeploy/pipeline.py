@@ -18,7 +18,7 @@ from .calibration import Dataset, collect_ranges, open_data
 from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, StrictPolicyError
 from .fallback import OBJECTIVES, Events, Resolution, initial_layer_precisions, resolve
 from .model import ModelHandle, load_model, random_inputs
-from .run import DeployContext, FallbackRun, moved_layers, needs_ranges
+from .run import DeployContext, FallbackRun, moved_layers, needs_ranges, transforms_preview
 from .plugins import Registry, get_registry
 from .records import ArtifactRecord, Manifest
 from .profiles import Profile, detect_profile_name, load_profile_file, resolve_threads
@@ -85,6 +85,7 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
         entries = []
         for res in _resolutions(profile, registry, handle, spec, backends):
             layers: dict[str, str] = {}
+            transforms: dict[str, Any] | None = None
             if res.runnable:
                 layers, _ = initial_layer_precisions(res, handle.layers)
                 layers = _check_translation(res, handle, layers)
@@ -92,12 +93,14 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
                     res.note("BACKEND_UNAVAILABLE", f"the {res.target.backend} runtime is not available here"
                              f"{f' ({res.caps.reason})' if res.caps.reason else ''}: its artifact is built for the "
                              f"target and verified only by simulation")
+                if res.spec is not None and res.caps is not None:
+                    transforms = transforms_preview(res.spec, handle, res.caps)
             entries.append({
                 "target": res.target.label, "runnable": res.runnable,
                 "precision": res.spec.precision if res.spec else None, "ladder": list(res.ladder),
                 "verified_on": res.caps.verified_on if res.caps else None,
                 "events": [{"code": c, "message": m, **d} for c, m, d in res.events],
-                "warnings": res.warnings, "info": res.info, "layers": layers})
+                "warnings": res.warnings, "info": res.info, "layers": layers, "transforms": transforms})
     return {"profile": profile.name, "notes": list(profile.notes), "model": handle.source, "intake": handle.notes,
             "layers": len(handle.layers), "entries": entries,
             "warnings": [f"spec {t}" for t in spec.unmatched_overrides({n: layer.op_type

@@ -39,6 +39,40 @@ def needs_ranges(spec: QuantSpec, model: ModelHandle) -> bool:
     return spec.activations.mode == "static" and spec.uses_quantized and not model.prequantized
 
 
+def transforms_mode(spec: QuantSpec, model: ModelHandle) -> str:
+    """How a fallback run uses the accuracy transforms: ``off`` (nothing asked, or nothing to quantize), ``on``
+    (a transform set explicitly: applied before the first build) or ``auto`` (tried when the plain build misses
+    the budget, kept only if it helps)."""
+    t = spec.transforms
+    if not spec.uses_quantized or model.prequantized:
+        return "off"
+    explicit = [t.cross_layer_equalization, t.bias_correction, t.smoothquant, t.adaround]
+    if any(v not in (False, "auto") for v in explicit):
+        return "on"
+    return "auto" if "auto" in explicit else "off"
+
+
+def transforms_preview(spec: QuantSpec, model: ModelHandle, caps: Capabilities) -> dict[str, Any]:
+    """What a deploy of ``model`` through a backend with ``caps`` would do with the accuracy transforms (for
+    ``qdeploy check``): the mode, and per transform whether it would apply and why."""
+    mode = transforms_mode(spec, model)
+    if mode == "off":
+        return {"mode": "off", "reason": "no transform asked, or nothing to quantize", "transforms": {}}
+    if "onnx" not in caps.model_formats:
+        return {"mode": mode, "reason": "not applied: this backend builds from the PyTorch module, not the ONNX "
+                                        "reference", "transforms": {}}
+    import onnx
+
+    from .transforms import decide
+
+    chosen = decide(onnx.load(str(model.onnx_path), load_external_data=False), spec)
+    when = ("applied to the reference before the first build" if mode == "on" else
+            "tried on the reference after a plain build misses the budget, kept only if it verifies better")
+    return {"mode": mode, "reason": when,
+            "transforms": {k: {"apply": v if isinstance(v, (str, float)) else bool(v), "why": why}
+                           for k, (v, why) in chosen.items()}}
+
+
 def moved_layers(res: Resolution, asked: dict[str, str], plan: Plan) -> list[tuple[str, str, str, str]]:
     """``(layer, asked, built, why)`` for each layer the backend's plan builds in another precision."""
     return [(name, want, got, plan.reasons.get(name) or f"{res.target.backend} cannot build it in {want} here")
@@ -265,15 +299,7 @@ class FallbackRun:
 
     # ------------------------------------------------------------------ techniques before precision
     def _transforms_mode(self) -> str:
-        """``off`` (nothing asked, or nothing to quantize), ``on`` (a transform set explicitly: applied before the
-        first build) or ``auto`` (tried when the plain build misses the budget, kept only if it helps)."""
-        t = self.spec.transforms
-        if not self.spec.uses_quantized or self.ctx.model.prequantized:
-            return "off"
-        explicit = [t.cross_layer_equalization, t.bias_correction, t.smoothquant, t.adaround]
-        if any(v not in (False, "auto") for v in explicit):
-            return "on"
-        return "auto" if "auto" in explicit else "off"
+        return transforms_mode(self.spec, self.ctx.model)
 
     def _techniques_first(self) -> list[Trial] | None:
         """Accuracy transforms before any precision is spent: with a transform set explicitly, the first build is

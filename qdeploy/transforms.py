@@ -904,6 +904,37 @@ def _event(transform: str, changes: list[Change], applied: bool, reason: str) ->
             "skipped": len(changes) - len(done), "reason": reason, "changes": changes}
 
 
+def decide(model: Any, spec: QuantSpec) -> dict[str, tuple[Any, str]]:
+    """What :func:`transform_model` does to ``model`` (an ONNX ModelProto, BatchNorm folded or not) under
+    ``spec``, with why: ``cross_layer_equalization`` (bool), ``smoothquant`` (alpha or False) and
+    ``bias_correction`` ("empirical" / "analytic" / False). ``"auto"`` resolves here: CLE when weights are per
+    tensor or the model has depthwise convs, bias correction (empirical, sequential) on models with a Conv."""
+    t = spec.transforms
+    quantized = spec.uses_quantized
+    nothing = "" if quantized else ", nothing quantized"
+    cle: Any = t.cross_layer_equalization
+    if cle == "auto":
+        per_tensor = isinstance(spec.weights.granularity, PerTensor)
+        dw = has_depthwise(model)
+        cle, cle_why = (quantized and (per_tensor or dw),
+                        "auto: " + ("per-tensor weights" if per_tensor else "depthwise convs" if dw else
+                                    "per-channel weights, no depthwise conv") + nothing)
+    else:
+        cle_why = f"cross_layer_equalization = {str(cle).lower()}"
+    sq = t.smoothquant
+    sq_choice: Any = sq.alpha if sq is not False else False  # type: ignore[union-attr]
+    sq_why = f"smoothquant alpha = {sq.alpha}" if sq is not False else "smoothquant = false"  # type: ignore[union-attr]
+    bc: Any = t.bias_correction
+    if bc == "auto":
+        convs = any(n.op_type == "Conv" for n in model.graph.node)
+        bc, bc_why = ("empirical" if quantized and convs else False,
+                      "auto: " + ("convolutional model" if convs else "no Conv layer") + nothing)
+    else:
+        bc_why = f"bias_correction = {bc if bc else 'false'}"
+    return {"cross_layer_equalization": (cle, cle_why), "smoothquant": (sq_choice, sq_why),
+            "bias_correction": (bc, bc_why)}
+
+
 def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
                     ranges: Mapping[str, Range] | None = None, *, layers: Collection[str] | None = None,
                     max_samples: int = 128, chunk: int = 16, clip_headroom: float = 2.0,
@@ -932,18 +963,8 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     if data:  # every intermediate of a chunk is alive at once in the statistics runs: bound the chunk by its input
         per_sample = sum(v[:1].nbytes for v in data[0].values()) or 1
         chunk = max(1, min(chunk, CHUNK_INPUT_BYTES // per_sample))
-    quantized = spec.uses_quantized
-    convs = any(n.op_type == "Conv" for n in model.graph.node)
-
-    cle = t.cross_layer_equalization
-    if cle == "auto":
-        per_tensor = isinstance(spec.weights.granularity, PerTensor)
-        dw = has_depthwise(model)
-        cle, why = (quantized and (per_tensor or dw),
-                    "auto: " + ("per-tensor weights" if per_tensor else "depthwise convs" if dw else
-                                "per-channel weights, no depthwise conv") + ("" if quantized else ", nothing quantized"))
-    else:
-        why = f"cross_layer_equalization = {str(cle).lower()}"
+    chosen = decide(model, spec)
+    cle, why = chosen["cross_layer_equalization"]
     if cle:
         pairs = cle_pairs(model)
         clip_in = {n1.output[0]: (1 if n1.op_type == "Conv" else -1) for n1, act, _ in pairs
@@ -963,13 +984,7 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     elif sq is not False:
         events.append(_event("smoothquant", [], False, "no calibration data"))
 
-    bc = t.bias_correction
-    if bc == "auto":
-        bc, why = ("empirical" if quantized and convs else False,
-                   "auto: " + ("convolutional model" if convs else "no Conv layer") +
-                   ("" if quantized else ", nothing quantized"))
-    else:
-        why = f"bias_correction = {bc if bc else 'false'}"
+    bc, why = chosen["bias_correction"]
     if bc and data:
         act_ranges = None
         if simulate_activations is None:

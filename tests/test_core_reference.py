@@ -73,3 +73,23 @@ def test_check_needs_no_plugin():
     assert set(entry["layers"].values()) == {"int8"}
     # simulating is what the oracle is for: not reported as a missing runtime
     assert not [e for e in entry["events"] if e["code"] == "BACKEND_UNAVAILABLE"], entry["events"]
+
+
+def test_check_says_which_transforms_a_deploy_would_apply():
+    """Per-tensor weights (what NNAPI-class devices need) make CLE worth trying; `check` says so per entry, with
+    the mode and the reason, without building anything."""
+    per_tensor = {"weights": {"granularity": "per_tensor"}}
+    (entry,) = qdeploy.check(SENSITIVE, target="reference", spec=per_tensor, input_shape="1x1x8x8")["entries"]
+    t = entry["transforms"]
+    assert t["mode"] == "auto" and "after a plain build misses" in t["reason"]
+    assert t["transforms"]["cross_layer_equalization"] == {"apply": True, "why": "auto: per-tensor weights"}
+    assert t["transforms"]["bias_correction"]["apply"] == "empirical"
+    assert t["transforms"]["smoothquant"]["apply"] is False
+    (entry,) = qdeploy.check(SENSITIVE, target="reference", input_shape="1x1x8x8")["entries"]
+    assert entry["transforms"]["transforms"]["cross_layer_equalization"]["apply"] is False  # per channel, no dw
+    explicit = {"transforms": {"cross_layer_equalization": True, "bias_correction": False}}
+    (entry,) = qdeploy.check(SENSITIVE, target="reference", spec=explicit, input_shape="1x1x8x8")["entries"]
+    assert entry["transforms"]["mode"] == "on" and "before the first build" in entry["transforms"]["reason"]
+    off = {"transforms": {"cross_layer_equalization": False, "bias_correction": False}}
+    (entry,) = qdeploy.check(SENSITIVE, target="reference", spec=off, input_shape="1x1x8x8")["entries"]
+    assert entry["transforms"]["mode"] == "off"
