@@ -81,9 +81,10 @@ def test_check_reports_qnnpack_slow_on_x86():
     assert entry["runnable"] and any("qnnpack" in w and "slower than FP32" in w for w in entry["warnings"])
 
 
-def test_check_warns_of_slow_depthwise_int8_on_fx_engines(tmp_path):
-    """fbgemm's INT8 depthwise convolutions were measured ~10x slower than FP32 on EfficientNet-Lite0: `check`
-    says so for a model that has them on an FX engine, and not on the x86 (PT2E) engine."""
+def test_fx_engines_keep_depthwise_convolutions_float(tmp_path):
+    """fbgemm's INT8 depthwise convolutions were measured ~10x slower than FP32 on EfficientNet-Lite0: the FX
+    engines keep them FP32 (a PRECISION_UNSUPPORTED event with the reason, a warning in `check`); the x86 (PT2E)
+    engine quantizes them."""
     f = tmp_path / "dw.py"
     f.write_text("import torch\n"
                  "def build():\n"
@@ -91,8 +92,13 @@ def test_check_warns_of_slow_depthwise_int8_on_fx_engines(tmp_path):
                  "                               torch.nn.ReLU()).eval()\n")
     avx2 = qdeploy.check(f"{f}:build", target="x86-avx2", input_shape="1x3x16x16", backends=["torch"])
     vnni = qdeploy.check(f"{f}:build", target="x86-avx512-vnni", input_shape="1x3x16x16", backends=["torch"])
-    assert any("depthwise" in w and "fbgemm" in w for w in avx2["entries"][0]["warnings"]), avx2
+    entry = avx2["entries"][0]
+    assert any("depthwise" in w and "fbgemm" in w for w in entry["warnings"]), avx2
+    assert entry["layers"] == {"0": "int8", "1": "fp32"}, entry["layers"]
+    moved = [e for e in entry["events"] if e["code"] == "PRECISION_UNSUPPORTED"]
+    assert [e["layer"] for e in moved] == ["1"] and "depthwise" in moved[0]["message"]
     assert not any("depthwise" in w for w in vnni["entries"][0]["warnings"])
+    assert set(vnni["entries"][0]["layers"].values()) == {"int8"}
 
 
 def test_observer_per_method():

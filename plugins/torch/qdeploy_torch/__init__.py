@@ -79,13 +79,11 @@ class TorchBackend(Backend):
                          "an ARM device")
         uses = {spec.precision} | {o.precision for o in spec.overrides}
         depthwise = _depthwise_convs(getattr(model, "torch_module", None))
-        if device == "cpu" and engine in ("fbgemm", "onednn") and depthwise and spec.precision == "int8" \
-                and spec.activations.mode == "static":
-            notes.append(f"{len(depthwise)} depthwise convolution(s) (e.g. {depthwise[0]}): the {engine} engine's "
-                         f"INT8 depthwise kernels were measured about 10x slower than FP32 here (EfficientNet-Lite0: "
-                         f"quantized::conv2d 96% of the time, up to 255 ms a call at batch 4; FP32 ran the whole model "
-                         f"in 0.24 s), so its verification takes minutes per trial; the x86 engine (PT2E + Inductor, "
-                         f"the x86-avx512-* profiles) or onnxruntime are the fast INT8 paths for such models")
+        if device == "cpu" and engine in SLOW_DEPTHWISE_ENGINES and depthwise and spec.precision == "int8" \
+                and spec.activations.mode != "dynamic":
+            notes.append(f"{len(depthwise)} depthwise convolution(s) (e.g. {depthwise[0]}) stay FP32 on the {engine} "
+                         f"engine (its INT8 depthwise kernels were measured about 10x slower than FP32); the x86 "
+                         f"engine (PT2E + Inductor) or onnxruntime quantize them")
         if device == "cpu" and "fp16" in uses:
             notes.append("FP16 on a CPU runs through conversions, slower than FP32: a size format here")
         if device == "cpu" and "bf16" in uses and x86_host and "avx512_bf16" not in cpu_flags() \
@@ -154,6 +152,11 @@ class TorchBackend(Backend):
                 check_weights(spec)
                 activation_qrange(target)
                 state["path"] = "pt2e" if state["engine"] in PT2E_ENGINES else "fx"
+                if state["engine"] in SLOW_DEPTHWISE_ENGINES:  # quantize what pays, and only that
+                    for name in _depthwise_layers(model, modules):
+                        if lp.get(name) == "int8":
+                            lp[name] = "fp32"
+                            reasons[name] = SLOW_DEPTHWISE.format(engine=state["engine"])
         else:
             state["path"] = "float"
         return Plan(self.name, model, spec, target, lp, state=state, reasons=reasons)
@@ -202,3 +205,19 @@ def _depthwise_convs(module: Any) -> list[str]:
 
     return [n for n, m in module.named_modules()
             if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+
+
+SLOW_DEPTHWISE_ENGINES = ("fbgemm", "onednn")
+SLOW_DEPTHWISE = ("the {engine} engine's INT8 depthwise convolutions were measured about 10x slower than FP32 "
+                  "(EfficientNet-Lite0 on an AVX2 CPU: quantized::conv2d 96% of the INT8 model's time, the whole model "
+                  "1.18x faster than FP32 with them kept FP32 instead of 10x slower); kept FP32 (the x86 engine or "
+                  "onnxruntime quantize them fast)")
+"""Why the FX engines keep depthwise convolutions in float: a recipe decision, like onnxruntime's per model family."""
+
+
+def _depthwise_layers(model: Any, modules: dict[str, Any]) -> list[str]:
+    """Layer-map names of the model's depthwise convolutions."""
+    from .quantize import torch_layer
+
+    dw = set(_depthwise_convs(model.torch_module))
+    return [n for n in model.layers if torch_layer(n, modules) in dw]
