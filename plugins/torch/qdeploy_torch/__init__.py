@@ -82,8 +82,10 @@ class TorchBackend(Backend):
         if device == "cpu" and engine in SLOW_DEPTHWISE_ENGINES and depthwise and spec.precision == "int8" \
                 and spec.activations.mode != "dynamic":
             notes.append(f"{len(depthwise)} depthwise convolution(s) (e.g. {depthwise[0]}) stay FP32 on the {engine} "
-                         f"engine (its INT8 depthwise kernels were measured about 10x slower than FP32); the x86 "
-                         f"engine (PT2E + Inductor) or onnxruntime quantize them")
+                         f"engine: its INT8 depthwise kernels were measured about 10x slower than FP32 (EfficientNet-"
+                         f"Lite0 on an AVX2 CPU: quantized::conv2d 96% of the INT8 model's time; with them FP32 the "
+                         f"model ran 1.18x faster than torch's FP32 instead of 10x slower); the x86 engine (PT2E + "
+                         f"Inductor) or onnxruntime quantize them")
         if device == "cpu" and "fp16" in uses:
             notes.append("FP16 on a CPU runs through conversions, slower than FP32: a size format here")
         if device == "cpu" and "bf16" in uses and x86_host and "avx512_bf16" not in cpu_flags() \
@@ -208,10 +210,8 @@ def _depthwise_convs(module: Any) -> list[str]:
 
 
 SLOW_DEPTHWISE_ENGINES = ("fbgemm", "onednn")
-SLOW_DEPTHWISE = ("the {engine} engine's INT8 depthwise convolutions were measured about 10x slower than FP32 "
-                  "(EfficientNet-Lite0 on an AVX2 CPU: quantized::conv2d 96% of the INT8 model's time, the whole model "
-                  "1.18x faster than FP32 with them kept FP32 instead of 10x slower); kept FP32 (the x86 engine or "
-                  "onnxruntime quantize them fast)")
+SLOW_DEPTHWISE = ("the {engine} engine keeps depthwise convolutions FP32 (its INT8 depthwise kernels were measured "
+                  "about 10x slower than FP32; see `qdeploy check`)")
 """Why the FX engines keep depthwise convolutions in float: a recipe decision, like onnxruntime's per model family."""
 
 
