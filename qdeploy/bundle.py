@@ -307,6 +307,5 @@ class Bundle:
         arts[index] = record
         arts.sort(key=lambda a: not a.budget.get("passed", True))  # stable: else the order stays
         self.record.events.extend(events)
-        self.manifest = self.record.to_json()
-        _write_reports(self.path, self.manifest, only_existing=True)
+        _write_reports(self.path, self.record.to_json(), only_existing=True)
         self.manifest = _write_manifest(self.path, self.record).to_json()

@@ -183,8 +183,9 @@ def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, ca
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    registry.pm.hook.qdeploy_on_report(manifest=manifest, bundle_dir=output)
-    return Bundle(output, manifest)
+    bundle = Bundle(output, manifest)
+    registry.pm.hook.qdeploy_on_report(manifest=bundle.manifest, bundle_dir=output)
+    return bundle
 
 
 def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> dict[str, str]:
@@ -214,7 +215,7 @@ def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> 
 
 def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpec, calib: Any, val: Any,
             staging: Path, work: Path, input_shape: Any, only: list[str] | None, per_layer: bool, echo: Echo,
-            progress: Progress | None, threads: int, objective: str = "latency") -> dict[str, Any]:
+            progress: Progress | None, threads: int, objective: str = "latency") -> Manifest:
     model = _intake(model_src, staging, input_shape, spec, echo)
     resolutions = _resolutions(profile, registry, model, spec, only)
     need_ranges = any(r.spec is not None and needs_ranges(r.spec, model) for r in resolutions)
@@ -231,7 +232,7 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     samples = _samples(built, outputs, val_x, reference.outputs, out_name)
     manifest = _manifest(model, spec, profile, calib, calib_ds, ctx, val_x, val_source, staging, ref_lat, timing,
                          out_name, built, events)
-    return Bundle.write(staging, manifest, samples).to_json()
+    return Bundle.write(staging, manifest, samples)
 
 
 def _intake(model_src: Any, staging: Path, input_shape: Any, spec: QuantSpec, echo: Echo) -> ModelHandle:

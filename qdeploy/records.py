@@ -112,12 +112,14 @@ class ArtifactRecord(_Record):
     error_per_sample: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _REQUIRED: ClassVar[dict[str, type | tuple[type, ...]]] = {"id": str, "backend": str, "target": str, "precision": str, "path": str, "sha256": str,
-                 "size_bytes": int, "verified_on": str, "verification": dict, "metrics": dict,
-                 "metrics_per_output": dict, "budget": dict, "layer_precisions": dict, "spec": dict}
-    _OPTIONAL: ClassVar[dict[str, type | tuple[type, ...]]] = {"meta": dict, "latency_ms": _OPTIONAL_NUMBER, "latency_vs_fp32": _OPTIONAL_NUMBER,
-                 "latency": (dict, type(None)), "size_vs_fp32": _OPTIONAL_NUMBER, "chain_reason": str,
-                 "trials": int, "front": (dict, type(None)), "error_per_sample": (dict, type(None))}
+    _REQUIRED: ClassVar[dict[str, type | tuple[type, ...]]] = {
+        "id": str, "backend": str, "target": str, "precision": str, "path": str, "sha256": str, "size_bytes": int,
+        "verified_on": str, "verification": dict, "metrics": dict, "metrics_per_output": dict, "budget": dict,
+        "layer_precisions": dict, "spec": dict}
+    _OPTIONAL: ClassVar[dict[str, type | tuple[type, ...]]] = {
+        "meta": dict, "latency_ms": _OPTIONAL_NUMBER, "latency_vs_fp32": _OPTIONAL_NUMBER,
+        "latency": (dict, type(None)), "size_vs_fp32": _OPTIONAL_NUMBER, "chain_reason": str, "trials": int,
+        "front": (dict, type(None)), "error_per_sample": (dict, type(None))}
     _OMIT_NONE = ("latency", "front", "error_per_sample")  # absent, as before: a simulated artifact has no timing
     _NESTED = ("moved_layers",)
 
@@ -169,9 +171,6 @@ class Manifest(_Record):
                  "calibration": dict, "validation": dict, "reference": dict, "latency_measured_on": dict,
                  "budget_output": str, "artifacts": list}
     _NESTED = ("artifacts",)
-
-    def artifact(self, ident: str) -> ArtifactRecord | None:
-        return next((a for a in self.artifacts if a.id == ident), None)
 
     @classmethod
     def from_json(cls, d: Any, where: str = "manifest") -> Manifest:

@@ -298,15 +298,12 @@ class FallbackRun:
         return best
 
     # ------------------------------------------------------------------ techniques before precision
-    def _transforms_mode(self) -> str:
-        return transforms_mode(self.spec, self.ctx.model)
-
     def _techniques_first(self) -> list[Trial] | None:
         """Accuracy transforms before any precision is spent: with a transform set explicitly, the first build is
         of the transformed reference; with ``auto``, a plain build that misses the budget is followed by a build
         of the transformed reference, kept only if it verifies better (an event with both values). Returns the
         verifications made here (None: the search makes the first)."""
-        mode = self._transforms_mode()
+        mode = transforms_mode(self.spec, self.ctx.model)
         if mode == "off":
             return None
         if "onnx" not in self.caps.model_formats:  # built from the PyTorch module: the ONNX transforms do not reach it

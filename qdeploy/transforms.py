@@ -977,11 +977,11 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     else:
         events.append(_event("cross_layer_equalization", [], False, why))
 
-    sq = t.smoothquant
-    if sq is not False and data:
-        model, ch = smoothquant(model, data, sq.alpha, chunk=chunk)  # type: ignore[union-attr]
-        events.append(_event("smoothquant", ch, True, f"smoothquant alpha = {sq.alpha}"))  # type: ignore[union-attr]
-    elif sq is not False:
+    alpha, why = chosen["smoothquant"]
+    if alpha is not False and data:
+        model, ch = smoothquant(model, data, alpha, chunk=chunk)
+        events.append(_event("smoothquant", ch, True, why))
+    elif alpha is not False:
         events.append(_event("smoothquant", [], False, "no calibration data"))
 
     bc, why = chosen["bias_correction"]

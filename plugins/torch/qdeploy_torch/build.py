@@ -175,6 +175,7 @@ def _prepared_from_cache(plan: Plan, module: torch.nn.Module, example: tuple,
 
     key = _cache_key(plan, module, example)
     entry = next((e for e in _CALIBRATED if e[0] == key), None)
+    cached = entry is not None
     if entry is None:
         _CALIBRATED.clear()  # one model at a time: the previous entry's graphs are released
         exported = q.export_for_quantization(copy.deepcopy(module), example, "the model")
@@ -182,11 +183,9 @@ def _prepared_from_cache(plan: Plan, module: torch.nn.Module, example: tuple,
         n = _calibrate(plan, full, example)
         entry = (key, exported, full, n, (module, plan.state.get("data")))  # alive while cached: ids stay theirs
         _CALIBRATED.append(entry)
-        if not keep:
-            return copy.deepcopy(full), n, False
     _, exported, full, n, _ = entry
     if not keep:
-        return copy.deepcopy(full), n, True
+        return copy.deepcopy(full), n, cached
     prepared = prepare_pt2e(copy.deepcopy(exported), _quantizer(plan, keep))
     if _transfer_observers(full, prepared):
         return prepared, n, True
