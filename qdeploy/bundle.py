@@ -205,6 +205,24 @@ class Bundle:
             raise BundleError(f"artifact {art['id']} needs the {art['backend']!r} backend, which is not installed")
         return backend.runner(self.path / art["path"], {**art.get("meta", {}), "threads": threads or self.threads})
 
+    def judge_runner(self, key: int | str = 0, threads: int | None = None) -> tuple[Any, str]:
+        """``(runner, numerics)``: what an artifact's accuracy is re-checked with here, as the deploy checked it --
+        the bundle profile's exact INT8 accumulation emulated where this host's kernels differ
+        (:func:`qdeploy.profile_numerics.target_emulation`, ``numerics`` says so), else :meth:`runner`."""
+        art = self.artifact(key)
+        data = (self.manifest.get("profile") or {}).get("data") or {}
+        if data.get("name") and data.get("device"):
+            from .profile_numerics import ExactInt32Runner, target_emulation
+            from .profiles import Profile
+
+            path = self.path / art["path"]  # the numerics need the device class, its architecture and flags only
+            target = Profile(str(data["name"]), "", str(data["device"]), (), str(data.get("arch") or ""),
+                             tuple(str(f) for f in data.get("cpu_flags") or ()))
+            numerics = target_emulation(target, art["backend"], path)
+            if numerics:
+                return ExactInt32Runner(path, threads or self.threads), numerics
+        return self.runner(key, threads), ""
+
     def reference_runner(self, threads: int | None = None) -> Any:
         from .backend import OrtRunner
         return OrtRunner(self.reference_path, threads=threads or self.threads)

@@ -200,7 +200,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checked = 0
     for art in bundle.artifacts:
         try:
-            runner = bundle.runner(art["id"], threads)
+            runner, numerics = bundle.judge_runner(art["id"], threads)
         except Exception as exc:  # a runtime missing here is reported, not fatal
             print(f"  {art['id']:<28} not runnable here: {exc}")
             continue
@@ -215,7 +215,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         checked += 1
         if verdict == "FAIL":
             status = 1
-        print(f"  {art['id']:<28} {verdict}: {detail} (verified_on {art['verified_on']})")
+        print(f"  {art['id']:<28} {verdict}: {detail} (verified_on {art['verified_on']})"
+              + (f"\n  {'':<28} numerics: {numerics}" if numerics else ""))
     if not checked:
         raise QDeployError(f"no artifact of bundle {args.bundle} runs on this host: nothing was verified "
                            f"(see the lines above; install the backends or verify on the target)")

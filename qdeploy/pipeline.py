@@ -222,7 +222,8 @@ def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpe
     calib_ds, val_x, val_y, val_source = _open_data(model, calib, val, echo, spec, need_ranges)
     reference, out_name = _reference(registry, model, spec, val_x, val_y, val_source, threads)
     events = Events(echo, registry.emit, warn=spec.fallback.policy == "warn")
-    ctx = DeployContext(model, calib_ds, reference, out_name, threads, work, events, echo, progress, objective)
+    ctx = DeployContext(model, calib_ds, reference, out_name, threads, work, events, echo, progress, objective,
+                        profile)
     try:
         built, outputs = _run_entries(ctx, resolutions, staging, per_layer)
     finally:

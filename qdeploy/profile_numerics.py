@@ -281,6 +281,29 @@ class ExactInt32Runner(OrtRunner):
             super().__init__(sim, threads=threads, disabled_optimizers=disabled, basic_only=True)
 
 
+def target_emulation(profile: Profile, backend: str, path: str | Path, host: Host | None = None) -> str:
+    """How a deploy to ``profile`` verifies the accuracy of an artifact built here: ``""`` for its own runtime,
+    else the numerics, in words, of the exact int32 emulation (:class:`ExactInt32Runner`) it is verified with.
+
+    The emulation is used where the profile's CPU accumulates INT8 products exactly (VNNI, ARM) and this host does
+    not (AVX2 saturates u8 x s8 pair sums in int16): the host's kernels would judge -- and make the fallback
+    promote layers for -- an error the target never makes. Only onnxruntime's ONNX artifacts with Q/DQ pairs or
+    ``MatMulInteger`` are emulated (other backends' kernels are theirs); latency is still measured on this host's
+    own kernels, and says so."""
+    path = Path(path)
+    if backend != "onnxruntime" or profile.device != "cpu" or path.suffix != ".onnx":
+        return ""
+    acc = profile_accumulation(profile)
+    host = host or detect_host()
+    if acc.kind != INT32 or host.accumulation.kind == INT32:
+        return ""
+    info = inspect_onnx(path)
+    if not info.quantized or info.blocking_ops:
+        return ""
+    return (f"{EXACT} as on {profile.name} ({acc.why}), emulated here: this host's INT8 kernels differ "
+            f"({host.accumulation.why})")
+
+
 # --- one row: an artifact under a profile ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RowPlan:
@@ -529,10 +552,10 @@ class ProfileTable:
                             rows)]
         for r in self.rows:
             if r.verification is not None and r.verification.basis == "recorded":
-                hint = "" if r.passed or r.where != "simulated" else (
-                    " -- these numerics do not reproduce the outputs recorded when the artifact was verified (on "
-                    "the deploying host's runtime), so that verdict does not carry over: give --val with labels to "
-                    "measure the budget under this profile")
+                hint = "" if r.passed else (
+                    " -- these numerics do not reproduce the outputs recorded when the artifact was verified, so "
+                    "that verdict does not carry over: give --val with labels to measure the budget under this "
+                    "profile")
                 lines.append(f"  {r.artifact} on {r.profile}: {r.verification.describe()}{hint}")
             if r.note:
                 lines.append(f"  {r.artifact} on {r.profile}: {r.note}")

@@ -23,6 +23,7 @@ from .calibration import ActivationRanges, Dataset, collect_ranges, unranged_lay
 from .errors import BackendError, QDeployError, StrictPolicyError
 from .fallback import Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions
 from .model import ModelHandle
+from .profiles import Profile
 from .records import ArtifactRecord, LayerMove
 from .sensitivity import compute as sensitivity_table
 from .spec import HIGHER_IS_BETTER, QUANTIZED, QuantSpec, summarize_precision
@@ -137,6 +138,8 @@ class DeployContext:
     echo: Echo
     progress: Progress | None = None
     objective: str = "latency"
+    profile: Profile | None = None
+    """The deploy's hardware profile: whose INT8 numerics an artifact is verified with (see ``emulation``)."""
     range_cache: dict[tuple, ActivationRanges] = field(default_factory=dict)
     ranges_cached: bool = False
     _timer: OrtRunner | None = None
@@ -169,6 +172,15 @@ class DeployContext:
             for tensor, why in found.nonfinite.items():
                 self.echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
         return self.range_cache[key]
+
+    def emulation(self, backend: str, path: Path) -> str:
+        """The target's INT8 numerics, emulated, when this host's kernels are not the target's ('' otherwise):
+        :func:`qdeploy.profile_numerics.target_emulation`."""
+        if self.profile is None:
+            return ""
+        from .profile_numerics import target_emulation
+
+        return target_emulation(self.profile, backend, path)
 
     def timer(self) -> OrtRunner:
         """The FP32 reference each trial is timed against (one session for the whole deploy)."""
@@ -219,25 +231,34 @@ class FallbackRun:
             art = backend.build(plan, ctx.work / f"{self.label.replace(':', '-')}-{i}")
             stage = "load"
             runner = backend.runner(art.path, {**art.meta, "threads": ctx.threads})
+            numerics = ctx.emulation(backend.name, art.path)
+            judge = runner
             stage = "run"
             try:
+                if numerics:  # the target's exact INT8 accumulation, not this host's saturating kernels
+                    from .profile_numerics import ExactInt32Runner
+
+                    judge = ExactInt32Runner(art.path, ctx.threads)
                 shown = ctx.progress
                 cb = (lambda d, n: shown(f"verify {self.label} trial {i}", d, n)) if shown else None
-                v = verify_artifact(runner, ctx.reference, self.spec.budget, ctx.out_name,
-                                    where={"kind": self.caps.verified_on, **(art.meta.get("verified_on") or {})},
-                                    progress=cb)
+                where = {"kind": self.caps.verified_on, **(art.meta.get("verified_on") or {}),
+                         **({"numerics": numerics} if numerics else {})}
+                v = verify_artifact(judge, ctx.reference, self.spec.budget, ctx.out_name, where=where, progress=cb)
                 speed = None if runner.simulated else side_by_side(
                     {"ref": ctx.timer(), "art": runner}, ctx.reference.inputs, rounds=10, budget_s=1.0,
                     reference="ref", warmup=1)["art"].vs_reference
             finally:
                 runner.close()
+                if judge is not runner:
+                    judge.close()
         except QDeployError:
             raise
         except Exception as exc:
             code, msg = failure_event(exc, stage)
             raise BackendError(msg, code) from exc
         ctx.echo(f"{self.label}: trial {i}: {summarize_precision(art.layer_precisions)}: {v.budget.describe()} -> "
-                 f"{'pass' if v.budget.passed else 'below budget'}")
+                 f"{'pass' if v.budget.passed else 'below budget'}"
+                 + (f" (exact int32 accumulation of {ctx.profile.name}, emulated)" if numerics and ctx.profile else ""))
         return Trial(art, v.metrics, v.budget, dict(v.outputs), speed, path_size(art.path), v)
 
     def score(self, names: list[str]) -> dict[str, tuple[float, float]]:

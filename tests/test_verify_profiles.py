@@ -171,10 +171,11 @@ def test_saturating_model_spread_is_flagged(capsys, tmp_path, saturating):
     assert spread["flagged"] and spread["spread"] > 0.1 and spread["threshold"] == 0.01
     assert code == 1 and table["failed"] and "FLAG" in out
 
-    # no labels: the simulated rows are judged on the outputs recorded on this (saturating) host, which exact
-    # accumulation does not reproduce: they fail, and the table says why and what to do
+    # no labels: every row is judged on the outputs the deploy recorded, with the target's (VNNI's) exact
+    # accumulation: the emulated rows match them, this host's saturating kernels do not, and the table says so
     code, out, _ = run(capsys, "verify", saturating.bundle, "--profiles", PROFILES)
-    assert code == 1 and "does not carry over" in out and "give --val" in out
+    assert code == 1 and "x86-avx2: outputs differ from the verified ones" in out and "does not carry over" in out
+    assert "x86-avx512-vnni: outputs match the verified ones" in out and "pass --val" in out
 
 
 def test_exact_emulation_is_the_float_arithmetic_of_the_qdq_graph(saturating):
@@ -282,3 +283,32 @@ def test_planning_per_host_and_backend(tmp_path, saturating, avx2_bundle):
                "precision": "int8", "path": "artifacts/missing.onnx"}
     row = plan_row(fake, ort_cpu, profile("nvidia-t4"), avx2_host, 1)
     assert row.where == "not emulated" and "host_fallback" in row.reason
+
+
+def test_deploy_verifies_with_the_targets_numerics(capsys, saturating, tmp_path):
+    """A deploy to x86-avx512-vnni judges accuracy with VNNI's exact int32 accumulation: on a host whose kernels
+    saturate (AVX2) it is emulated and says so (verified_on simulated, the numerics in the record); on a host that
+    accumulates exactly it is the runtime. Plain `qdeploy verify` re-checks the same way."""
+    from qdeploy.bundle import Bundle
+    from qdeploy.profile_numerics import target_emulation
+
+    art = Bundle.load(saturating.bundle).artifacts[0]
+    assert art["precision"] == "int8" and art["metrics"]["top1_accuracy"] > 0.98  # VNNI's arithmetic: exact
+    if SATURATING_HOST:
+        assert art["verified_on"] == "simulated" and "exact int32" in art["verification"]["numerics"]
+    else:
+        assert art["verified_on"] == "runtime" and "numerics" not in art["verification"]
+    code, out, _ = run(capsys, "verify", saturating.bundle, "--val", saturating.val)
+    assert code == 0 and ("numerics: exact int32" in out) == SATURATING_HOST, out
+
+    path = saturating.bundle / art["path"]
+    avx2_host = detect_host({"avx2", "fma"}, "x86_64", None)
+    vnni_host = detect_host({"avx2", "avx512f", "avx512_vnni"}, "x86_64", None)
+    assert "emulated" in target_emulation(profile("x86-avx512-vnni"), "onnxruntime", path, avx2_host)
+    assert target_emulation(profile("arm64-neon"), "onnxruntime", path, avx2_host)
+    assert target_emulation(profile("x86-avx512-vnni"), "onnxruntime", path, vnni_host) == ""
+    assert target_emulation(profile("x86-avx2"), "onnxruntime", path, vnni_host) == ""  # nothing exact to emulate
+    assert target_emulation(profile("x86-avx512-vnni"), "tflite", path, avx2_host) == ""  # not its kernels
+    fp32 = tmp_path / "fp32.onnx"
+    fp32.write_bytes((saturating.root / "sat.onnx").read_bytes())
+    assert target_emulation(profile("x86-avx512-vnni"), "onnxruntime", fp32, avx2_host) == ""  # no INT8 at all
