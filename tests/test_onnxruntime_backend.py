@@ -85,7 +85,36 @@ def test_an_override_keeps_that_layer_out_of_quantization(tmp_path, mlp_onnx, ml
     assert fc2.input[1] in _inits(proto) and _inits(proto)[fc2.input[1]].dtype == np.float32  # float weights
     fc1 = next(n for n in proto.graph.node if n.name == "fc1")
     assert producer[fc1.input[1]].op_type == "DequantizeLinear"
+    # fc2 reads the ReLU the quantizer folded into its Q/DQ pair's range: that pair is the ReLU, and stays
+    assert producer[fc2.input[0]].op_type == "DequantizeLinear" and not any(n.op_type == "Relu" for n in proto.graph.node)
+    assert art["meta"]["qdq"]["float_inputs_of_float_layers"] == 0
 
+
+def test_a_float_layer_reads_float_input(tmp_path, mlp_data):
+    """Promoting a layer takes its input out of INT8 too where the reference's tensor still exists: here fc2
+    reads a residual-style Add that stays quantized, and gets the Add's float output, not its Q/DQ pair, as the
+    sensitivity measured it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+             ((rng.standard_normal((16, 16)) * 0.3, "w1"), (rng.standard_normal(16) * 0.1, "b1"),
+              (rng.standard_normal((4, 16)) * 0.3, "w2"), (np.zeros(4), "b2"))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "x"], ["h1"], name="residual"),
+             helper.make_node("Gemm", ["h1", "w2", "b2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "res.onnx"))
+    spec = {"overrides": [{"match": "fc2", "precision": "fp32"}], "fallback": {"max_trials": 0},
+            "budget": {"metric": "cosine", "threshold": 0.9}}
+    art, proto = _graph(_deploy(tmp_path, tmp_path / "res.onnx", mlp_data, "x86-avx512-vnni", spec=spec))
+    fc2 = next(n for n in proto.graph.node if n.name == "fc2")
+    assert art["layer_precisions"] == {"fc1": "int8", "fc2": "fp32"} and art["budget"]["passed"]
+    assert fc2.input[0] == "h1" and art["meta"]["qdq"]["float_inputs_of_float_layers"] == 1
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "h1" for n in proto.graph.node)  # pair removed
 
 def test_a_model_with_external_weights_deploys(tmp_path, mlp_data):
     src = tmp_path / "src"

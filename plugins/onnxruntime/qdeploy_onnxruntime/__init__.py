@@ -190,8 +190,10 @@ class OnnxRuntimeBackend(Backend):
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": spec.activations.symmetric,
                                "WeightSymmetric": spec.weights.symmetric})
+        rewired = _float_inputs(out, source, float_nodes)
         plan.state["qdq"] = {"recipe": model.family, "op_types": list(recipe),
-                             "float_for_unranged_input": unranged[:50], "float_for_unranged_count": len(unranged)}
+                             "float_for_unranged_input": unranged[:50], "float_for_unranged_count": len(unranged),
+                             "float_inputs_of_float_layers": rewired}
 
     def runner(self, path: Path, meta: Mapping[str, Any]) -> OrtRunner:
         provider = meta.get("provider", "cpu")
@@ -232,6 +234,58 @@ def _float_io(path: Path) -> dict[str, tuple[str, list[str]]]:
     return {n.name: (n.op_type, [t for t in list(n.input) + list(n.output)
                                  if t and t not in inits and types.get(t) == onnx.TensorProto.FLOAT])
             for n in proto.graph.node}
+
+
+def _float_inputs(path: Path, source: Path, float_nodes: list[str]) -> int:
+    """A layer kept in float reads float activations: each input that ``quantize_static`` wired through a
+    QuantizeLinear -> DequantizeLinear pair (because the producer is quantized) is wired back to the tensor the
+    reference reads there, where that tensor still exists (a ReLU/Clip the quantizer folded into the pair's
+    range is gone: that input stays as it is, the pair's clamp being the activation). Pairs left without a reader
+    are removed. Otherwise a promoted layer still sees INT8 noise on its input -- not what promoting it means,
+    nor what the sensitivity measured. Returns the number of inputs rewired."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    wanted = set(float_nodes)
+    ref = onnx.load(str(source), load_external_data=False).graph
+    original = {n.name: list(n.input) for n in ref.node if n.name in wanted}
+    # a tensor is the reference's only where the same node writes it (the quantizer gives a folded activation's
+    # output name to the node before it)
+    wrote = {o: n.name for n in ref.node for o in n.output} | {i.name: "" for i in ref.input}
+    writes = {o: n.name for n in g.node for o in n.output} | {i.name: "" for i in g.input}
+    rewired = 0
+    for node in g.node:
+        before = original.get(node.name)
+        if before is None or len(before) != len(node.input):
+            continue
+        for i, (x, want) in enumerate(zip(node.input, before)):
+            if x != want and want in writes and writes[want] == wrote.get(want):
+                node.input[i] = want
+                rewired += 1
+    if not rewired:
+        return 0
+    outputs = {o.name for o in g.output}
+
+    def read(nodes: Any) -> set[str]:  # every name a node reads, subgraphs (If/Loop bodies) included
+        names = set()
+        for n in nodes:
+            names.update(n.input)
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    names |= read(sub.node)
+        return names
+
+    while True:  # drop Q/DQ nodes nobody reads any more (their scale/zero-point initializers stay, unused)
+        live = read(g.node) | outputs
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in live for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    onnx.save(proto, str(path))
+    return rewired
 
 
 def _strip_debug_metadata(path: Path) -> None:
