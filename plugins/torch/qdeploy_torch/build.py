@@ -231,11 +231,13 @@ def _fx(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -> t
     qmap = QConfigMapping().set_global(q.fx_qconfig(plan.spec, plan.target))
     for path in keep:
         qmap.set_module_name(path, None)
+    folded = q.fold_functional_batchnorm(model.eval())  # model is this build's own copy
     try:
-        prepared = prepare_fx(model.eval(), qmap, example)
+        prepared = prepare_fx(model, qmap, example)
     except Exception as exc:
         raise BackendError(f"FX graph mode cannot trace the model for the {engine} engine: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}", "OP_UNSUPPORTED") from None
+    clamped = q.observe_after_clamps(prepared)
     n = 0
     with torch.no_grad():
         for xs in calibration_batches(plan, example[0].shape[0]):
@@ -245,7 +247,8 @@ def _fx(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -> t
     out = workdir / "model.ts"
     _save_script(converted, example, out)
     return out, {"compile": False, "quantized_engine": True, "calibration_samples": n,
-                 "observer": plan.spec.activations.method}
+                 "observer": plan.spec.activations.method, "batchnorm_folded": folded,
+                 "observed_after_clamp": clamped}
 
 
 def _save_script(module: torch.nn.Module, example: tuple, out: Path) -> None:

@@ -245,6 +245,119 @@ class Cast(torch.nn.Module):
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def fold_functional_batchnorm(module: torch.nn.Module) -> int:
+    """Fold each BatchNorm that follows a convolution FX traces as a function call (a ``Conv2d`` subclass that
+    pads in its own ``forward``, as TF-ported models do) into that convolution's weight and bias, in place, and
+    replace the BatchNorm by ``Identity``. FX fuses Conv+BN only for plain ``Conv2d`` modules; left apart, the
+    convolution's output is quantized per tensor *before* BatchNorm rescales each channel, and INT8 runs an
+    unfused ``quantized::batch_norm2d``. Returns the number folded."""
+    import torch.nn.functional as F
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # noqa: BLE001 - FX cannot trace it: prepare_fx will say so
+        return 0
+    modules = dict(module.named_modules())
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), torch.nn.BatchNorm2d):
+            continue
+        conv = node.args[0]
+        if not (isinstance(conv, torch.fx.Node) and conv.op == "call_function" and conv.target is F.conv2d
+                and len(conv.users) == 1 and isinstance(conv.args[1], torch.fx.Node) and conv.args[1].op == "get_attr"):
+            continue
+        path, _, attr = str(conv.args[1].target).rpartition(".")
+        owner = modules.get(path)
+        bias = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        if not isinstance(owner, torch.nn.Conv2d) or attr != "weight" or not (
+                bias is None or (isinstance(bias, torch.fx.Node) and bias.target == f"{path}.bias")):
+            continue
+        bn = modules[node.target]
+        if bn.training or not bn.track_running_stats or bn.running_mean is None:
+            continue
+        w, b = fuse_conv_bn_weights(owner.weight, owner.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                    bn.bias)
+        owner.weight, owner.bias = w, b
+        parent, _, name = str(node.target).rpartition(".")
+        setattr(modules[parent] if parent else module, name, torch.nn.Identity())
+        folded += 1
+    return folded
+
+
+RANGE_KEEPING_MODULES = (torch.nn.AdaptiveAvgPool2d, torch.nn.AvgPool2d, torch.nn.MaxPool2d, torch.nn.Flatten,
+                         torch.nn.Dropout, torch.nn.Identity)
+"""Modules whose output lies within their input's range: an observer they share may see the clamped range."""
+
+
+def observe_after_clamps(prepared: torch.fx.GraphModule) -> int:
+    """Where a ReLU6/hardtanh follows a quantized op's output observer, that observer sees the clamped values:
+    the INT8 output then spans [0, 6] (the quantizer's saturation does the clamp) instead of sharing the
+    unclamped range, as onnxruntime folds Clip into its Q/DQ pair. FX alone shares one observer across the clamp,
+    so a ReLU6 after a convolution with outputs in +-30 kept a few dozen levels of its [0, 6]. Returns the
+    number of observers changed."""
+    import torch.nn.functional as F
+    from torch.ao.quantization import ObserverBase
+
+    def module(target: Any) -> Any:  # get_submodule: named_modules() lists an observer shared by two names once
+        try:
+            return prepared.get_submodule(str(target))
+        except AttributeError:
+            return None
+
+    uses: dict[int, set[str]] = {}  # observer instance -> the names it is called under
+    for n in prepared.graph.nodes:
+        if n.op == "call_module":
+            uses.setdefault(id(module(n.target)), set()).add(n.target)
+    changed = 0
+    for node in prepared.graph.nodes:
+        if node.op == "call_function" and node.target in (F.hardtanh, F.relu6, torch.clamp):
+            if node.target is F.relu6:
+                lo, hi = 0.0, 6.0
+            elif node.target is F.hardtanh:
+                lo, hi = (list(node.args[1:3]) + [node.kwargs.get("min_val", -1.0), node.kwargs.get("max_val", 1.0)]
+                          [len(node.args) - 1:])[:2]
+            else:
+                continue
+        elif node.op == "call_module" and isinstance(module(node.target), torch.nn.Hardtanh):
+            lo, hi = module(node.target).min_val, module(node.target).max_val  # ReLU6 is a Hardtanh(0, 6)
+        else:
+            continue
+        # back through the observers and Identity (a folded BatchNorm) between the clamp and the op before it
+        chain, prev = [], node.args[0]
+        while isinstance(prev, torch.fx.Node) and prev.op == "call_module" and len(prev.users) == 1 and \
+                isinstance(module(prev.target), (ObserverBase, torch.nn.Identity)):
+            chain.append(prev)
+            prev = prev.args[0]
+        # ... and the observers after it, through ops that keep values within the bounds (pools, flatten): often
+        # the same instance, shared
+        names = {n.target for n in chain}
+        todo = list(node.users)
+        while todo:
+            u = todo.pop()
+            if u.op == "call_module" and isinstance(module(u.target), (ObserverBase,) + RANGE_KEEPING_MODULES):
+                names.add(u.target)
+                todo.extend(u.users)
+            elif u.op == "call_function" and u.target in (torch.flatten, torch.Tensor.view, torch.Tensor.reshape):
+                todo.extend(u.users)
+            elif u.op == "call_method" and u.target in ("flatten", "view", "reshape", "squeeze"):
+                todo.extend(u.users)
+        for obs in {id(module(n.target)): module(n.target) for n in chain}.values():
+            if isinstance(obs, ObserverBase) and not getattr(obs, "qdeploy_clamp", None) and \
+                    uses[id(obs)] <= names:  # an observer shared with a tensor outside the chain is left alone
+                observe = obs.forward
+
+                def clamped(x: torch.Tensor, observe: Any = observe, lo: float = float(lo),
+                            hi: float = float(hi)) -> Any:
+                    observe(x.clamp(lo, hi))
+                    return x
+
+                obs.forward = clamped
+                obs.qdeploy_clamp = (float(lo), float(hi))
+                changed += 1
+    return changed
+
+
 def with_float_layers(module: torch.nn.Module, layers: dict[str, str]) -> torch.nn.Module:
     """A copy of ``module`` whose ``layers`` (module path -> fp16/bf16) run in that precision."""
     out = copy.deepcopy(module)
