@@ -239,32 +239,63 @@ def _float_io(path: Path) -> dict[str, tuple[str, list[str]]]:
 def _float_inputs(path: Path, source: Path, float_nodes: list[str]) -> int:
     """A layer kept in float reads float activations: each input that ``quantize_static`` wired through a
     QuantizeLinear -> DequantizeLinear pair (because the producer is quantized) is wired back to the tensor the
-    reference reads there, where that tensor still exists (a ReLU/Clip the quantizer folded into the pair's
-    range is gone: that input stays as it is, the pair's clamp being the activation). Pairs left without a reader
-    are removed. Otherwise a promoted layer still sees INT8 noise on its input -- not what promoting it means,
-    nor what the sensitivity measured. Returns the number of inputs rewired."""
+    reference reads there. Where the quantizer folded a ReLU/Clip into the pair's range (the pair's clamp being the
+    activation, its output name given to the node before it), the activation is put back in float for this
+    reader. Pairs left without a reader are removed. Otherwise a promoted layer still sees INT8 noise on its input
+    -- not what promoting it means, nor what the sensitivity measured. Returns the number of inputs rewired."""
     import onnx
 
     proto = onnx.load(str(path))
     g = proto.graph
     wanted = set(float_nodes)
-    ref = onnx.load(str(source), load_external_data=False).graph
+    ref_proto = onnx.load(str(source), load_external_data=False)
+    ref = ref_proto.graph
     original = {n.name: list(n.input) for n in ref.node if n.name in wanted}
-    # a tensor is the reference's only where the same node writes it (the quantizer gives a folded activation's
-    # output name to the node before it)
-    wrote = {o: n.name for n in ref.node for o in n.output} | {i.name: "" for i in ref.input}
+    wrote = {o: n for n in ref.node for o in n.output}
     writes = {o: n.name for n in g.node for o in n.output} | {i.name: "" for i in g.input}
+    ref_inits = {t.name: t for t in ref.initializer}
+    inits = {t.name for t in g.initializer}
     rewired = 0
+    added: dict[str, str] = {}  # folded activation output -> its float copy
+    nodes = []
     for node in g.node:
+        nodes.append(node)
         before = original.get(node.name)
         if before is None or len(before) != len(node.input):
             continue
         for i, (x, want) in enumerate(zip(node.input, before)):
-            if x != want and want in writes and writes[want] == wrote.get(want):
+            if x == want or want not in writes:
+                continue
+            src = wrote.get(want)
+            if writes[want] == (src.name if src is not None else ""):  # the reference's own tensor
                 node.input[i] = want
+                rewired += 1
+            elif src is not None and src.op_type in ("Relu", "Clip") and src.input[0] not in writes and \
+                    all(t in ref_inits or not t for t in src.input[1:]):
+                # folded: ``want`` is now written before the activation; the activation runs again, in float
+                if want not in added:
+                    copy = onnx.NodeProto()
+                    copy.CopyFrom(src)
+                    copy.name = f"{src.name}_float"
+                    copy.input[0] = want
+                    del copy.output[:]
+                    copy.output.append(f"{want}_float")
+                    for t in src.input[1:]:
+                        if t and t not in inits:
+                            g.initializer.append(ref_inits[t])
+                            inits.add(t)
+                    nodes.insert(len(nodes) - 1, copy)  # just before its reader: after what writes ``want``
+                    added[want] = copy.output[0]
+                node.input[i] = added[want]
                 rewired += 1
     if not rewired:
         return 0
+    if added:
+        kept = [onnx.NodeProto() for _ in nodes]
+        for dst, src in zip(kept, nodes):
+            dst.CopyFrom(src)
+        del g.node[:]
+        g.node.extend(kept)
     outputs = {o.name for o in g.output}
 
     def read(nodes: Any) -> set[str]:  # every name a node reads, subgraphs (If/Loop bodies) included
