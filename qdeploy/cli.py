@@ -147,6 +147,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"      [{ev['code']}] {ev['message']}")
         for w in e["warnings"]:
             print(f"      warning: {w}")
+        if e.get("int8_accuracy_numerics"):
+            print(f"      INT8 accuracy judged with {e['int8_accuracy_numerics']}")
         t = e.get("transforms")
         if t and t["mode"] != "off":
             on = [f"{k} ({v['apply']})" if isinstance(v["apply"], str) else k

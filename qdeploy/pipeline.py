@@ -86,6 +86,7 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
         for res in _resolutions(profile, registry, handle, spec, backends):
             layers: dict[str, str] = {}
             transforms: dict[str, Any] | None = None
+            numerics = ""
             if res.runnable:
                 layers, _ = initial_layer_precisions(res, handle.layers)
                 layers = _check_translation(res, handle, layers)
@@ -95,12 +96,17 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
                              f"target and verified only by simulation")
                 if res.spec is not None and res.caps is not None:
                     transforms = transforms_preview(res.spec, handle, res.caps)
+                if "int8" in layers.values():
+                    from .profile_numerics import emulated_numerics
+
+                    numerics = emulated_numerics(profile, res.target.backend)
             entries.append({
                 "target": res.target.label, "runnable": res.runnable,
                 "precision": res.spec.precision if res.spec else None, "ladder": list(res.ladder),
                 "verified_on": res.caps.verified_on if res.caps else None,
                 "events": [{"code": c, "message": m, **d} for c, m, d in res.events],
-                "warnings": res.warnings, "info": res.info, "layers": layers, "transforms": transforms})
+                "warnings": res.warnings, "info": res.info, "layers": layers, "transforms": transforms,
+                "int8_accuracy_numerics": numerics})
     return {"profile": profile.name, "notes": list(profile.notes), "model": handle.source, "intake": handle.notes,
             "layers": len(handle.layers), "entries": entries,
             "warnings": [f"spec {t}" for t in spec.unmatched_overrides({n: layer.op_type

@@ -281,6 +281,20 @@ class ExactInt32Runner(OrtRunner):
             super().__init__(sim, threads=threads, disabled_optimizers=disabled, basic_only=True)
 
 
+def emulated_numerics(profile: Profile, backend: str, host: Host | None = None) -> str:
+    """The words for the exact int32 emulation a deploy to ``profile`` judges ``backend``'s INT8 accuracy with on
+    this host, or ``""`` when it uses the runtime's own kernels (see :func:`target_emulation`; for ``check``,
+    before any artifact exists)."""
+    if backend != "onnxruntime" or profile.device != "cpu":
+        return ""
+    acc = profile_accumulation(profile)
+    host = host or detect_host()
+    if acc.kind != INT32 or host.accumulation.kind == INT32:
+        return ""
+    return (f"{EXACT} as on {profile.name} ({acc.why}), emulated here: this host's INT8 kernels differ "
+            f"({host.accumulation.why})")
+
+
 def target_emulation(profile: Profile, backend: str, path: str | Path, host: Host | None = None) -> str:
     """How a deploy to ``profile`` verifies the accuracy of an artifact built here: ``""`` for its own runtime,
     else the numerics, in words, of the exact int32 emulation (:class:`ExactInt32Runner`) it is verified with.
@@ -290,18 +304,11 @@ def target_emulation(profile: Profile, backend: str, path: str | Path, host: Hos
     promote layers for -- an error the target never makes. Only onnxruntime's ONNX artifacts with Q/DQ pairs or
     ``MatMulInteger`` are emulated (other backends' kernels are theirs); latency is still measured on this host's
     own kernels, and says so."""
-    path = Path(path)
-    if backend != "onnxruntime" or profile.device != "cpu" or path.suffix != ".onnx":
-        return ""
-    acc = profile_accumulation(profile)
-    host = host or detect_host()
-    if acc.kind != INT32 or host.accumulation.kind == INT32:
+    words = emulated_numerics(profile, backend, host)
+    if not words or Path(path).suffix != ".onnx":
         return ""
     info = inspect_onnx(path)
-    if not info.quantized or info.blocking_ops:
-        return ""
-    return (f"{EXACT} as on {profile.name} ({acc.why}), emulated here: this host's INT8 kernels differ "
-            f"({host.accumulation.why})")
+    return words if info.quantized and not info.blocking_ops else ""
 
 
 # --- one row: an artifact under a profile ---------------------------------------------------------------------------

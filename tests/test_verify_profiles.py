@@ -312,3 +312,9 @@ def test_deploy_verifies_with_the_targets_numerics(capsys, saturating, tmp_path)
     fp32 = tmp_path / "fp32.onnx"
     fp32.write_bytes((saturating.root / "sat.onnx").read_bytes())
     assert target_emulation(profile("x86-avx512-vnni"), "onnxruntime", fp32, avx2_host) == ""  # no INT8 at all
+    # check says so before anything is built
+    from qdeploy.pipeline import check
+
+    entry = check(saturating.root / "sat.onnx", target="x86-avx512-vnni", spec=saturating.root / "spec.toml",
+                  backends=["onnxruntime"])["entries"][0]
+    assert bool(entry["int8_accuracy_numerics"]) == SATURATING_HOST
