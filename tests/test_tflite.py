@@ -301,6 +301,7 @@ class Net(torch.nn.Module):
         g = torch.Generator().manual_seed(0)
         self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
         self.c2 = torch.nn.Conv2d(16, 16, 1)
+        self.c2b = torch.nn.Conv2d(16, 16, 1)
         self.c3 = torch.nn.Conv2d(16, 4, 1)
         self.act = torch.nn.ReLU6()  # exported as hardtanh(0, 6); F.relu6 as relu6
         with torch.no_grad():
@@ -309,7 +310,9 @@ class Net(torch.nn.Module):
             self.c3.weight.copy_(torch.randn(self.c3.weight.shape, generator=g) * 0.3)
 
     def forward(self, x):
-        x = torch.nn.functional.relu6(self.c2(self.act(self.c1(x))))
+        x = self.act(self.c1(x))
+        x = x + torch.nn.functional.relu6(self.c2(x))
+        x = x + self.c2b(x)  # a residual chain: this add reads the previous one
         return self.c3(x).flatten(1)
 
 
@@ -321,7 +324,7 @@ def build_model():
 @pytest.mark.slow
 def test_relu6_after_a_convolution_gets_its_own_int8_range(tmp_path):
     """ReLU6 after a convolution is quantized as one unit with it (no observer between them, the [0, 6] output
-    observed after the clamp), as TFLite runs the pair. Sharing the unclamped convolution's +-100 range, the
+    observed after the clamp), as TFLite runs the pair; residual adds are INT8, chained ones too. Sharing the unclamped convolution's +-100 range, the
     [0, 6] output kept a few levels: cosine 0.982 here (0.886 on EfficientNet-Lite0); fused 0.996 (0.993)."""
     _available()
     (tmp_path / "net.py").write_text(RELU6_MODEL)
@@ -337,5 +340,7 @@ def test_relu6_after_a_convolution_gets_its_own_int8_range(tmp_path):
     assert art["metrics"]["cosine"] >= 0.99, art["metrics"]
     from qdeploy_tflite import flatbuffer
 
-    ops = {op["name"] for op in flatbuffer.describe(flatbuffer.read((b.path / art["path"]).read_bytes()))["ops"]}
-    assert "RELU6" not in ops  # fused into the convolutions, not a separate float op
+    ops = flatbuffer.describe(flatbuffer.read((b.path / art["path"]).read_bytes()))["ops"]
+    assert "RELU6" not in {op["name"] for op in ops}  # fused into the convolutions, not a separate float op
+    adds = [op for op in ops if op["name"] == "ADD"]
+    assert len(adds) == 2 and not any(op["float"] for op in adds)  # both INT8, the chained one too
