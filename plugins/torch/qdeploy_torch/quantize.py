@@ -352,8 +352,9 @@ def observe_after_clamps(prepared: torch.fx.GraphModule) -> int:
                     observe(x.clamp(lo, hi))
                     return x
 
-                obs.forward = clamped
-                obs.qdeploy_clamp = (float(lo), float(hi))
+                # an instance attribute: the module call (and convert_fx's qparams) stay the observer's own
+                object.__setattr__(obs, "forward", clamped)
+                object.__setattr__(obs, "qdeploy_clamp", (float(lo), float(hi)))
                 changed += 1
     return changed
 
