@@ -312,6 +312,15 @@ def test_deploy_verifies_with_the_targets_numerics(capsys, saturating, tmp_path)
     fp32 = tmp_path / "fp32.onnx"
     fp32.write_bytes((saturating.root / "sat.onnx").read_bytes())
     assert target_emulation(profile("x86-avx512-vnni"), "onnxruntime", fp32, avx2_host) == ""  # no INT8 at all
+    if SATURATING_HOST:  # served here, the warm-up meets this host's kernels, not the verified numerics: said
+        from qdeploy.serve.core import FallbackModel
+
+        served = FallbackModel(saturating.bundle).start()
+        try:
+            slot = served.slots[0]
+            assert slot.state == "failed" and "emulated" in slot.detail and "--target detect" in slot.detail
+        finally:
+            served.close()
     # check says so before anything is built
     from qdeploy.pipeline import check
 

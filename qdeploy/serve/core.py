@@ -300,8 +300,15 @@ class FallbackModel:
                 raise QDeployError(f"warm-up output {name!r} is not finite")
             err, tol = recorded_gap(got, want, self.warmup_rtol)
             if err > tol:
+                numerics = ""
+                if slot.manifest_index is not None:
+                    numerics = ((self.bundle.artifacts[slot.manifest_index].get("verification") or {})
+                                .get("numerics") or "")
                 raise QDeployError(f"warm-up output {name!r} differs from the verified outputs by {err:.4g} "
-                                   f"(tolerance {tol:.4g})")
+                                   f"(tolerance {tol:.4g})" + (
+                                       f"; it was verified with {numerics.split(', emulated')[0]}, emulated, and "
+                                       f"this host's INT8 kernels differ: serve it on the target CPU, or deploy to "
+                                       f"this host's profile (--target detect)" if numerics else ""))
 
     # ------------------------------------------------------------------ serving
     def infer(self, feed: Mapping[str, Any], check: bool = True) -> Prediction:
