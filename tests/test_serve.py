@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import host_x86_profile
+
 ROOT = Path(__file__).resolve().parent.parent
 INPUT = "input"
 FP32_ID = "onnxruntime-cpu-fp32"
@@ -45,7 +47,7 @@ def base_bundle(tmp_path_factory) -> Path:
     digits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(digits)
     data = digits.prepare(tmp / "data")
-    qdeploy.deploy(f"{ROOT}/examples/digits.py:build_model", target="x86-avx512-vnni",
+    qdeploy.deploy(f"{ROOT}/examples/digits.py:build_model", target=host_x86_profile(),
                    spec=str(ROOT / "examples" / "digits_spec.toml"), calib=str(data / "calib.npz"),
                    val=str(data / "val.npz"), output=tmp / "demo", input_shape="1x1x8x8", backends=["onnxruntime"])
     return tmp / "demo"

@@ -14,19 +14,11 @@ from pathlib import Path
 import pytest
 
 import zoo
+from conftest import host_x86_profile
 
 pytestmark = pytest.mark.slow
 QDEPLOY = str(Path(sys.executable).parent / "qdeploy")
 N_CALIB, N_VAL = 32, 16
-
-
-def _host_x86() -> str:
-    """The host's x86 profile: an artifact for a VNNI profile verified on an AVX2 host saturates in
-    onnxruntime's u8 x s8 kernels (measured: ddddocr cosine 0.58 vs 0.996 in float Q/DQ)."""
-    from qdeploy.profiles import detect_profile_name
-
-    name = detect_profile_name()
-    return name if name.startswith("x86") else "x86-avx512-vnni"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +60,7 @@ def test_zoo_model_deploys_to_x86_cpu(name, prepared, tmp_path):
     takes the format, a one-line reason from each that does not."""
     model = zoo.get(name)
     data = prepared(name)
-    rc, text = _deploy(model, data, tmp_path / "b", "--target", _host_x86(), spec=_spec(model))
+    rc, text = _deploy(model, data, tmp_path / "b", "--target", host_x86_profile(), spec=_spec(model))
     if model.fmt == "tflite":  # no backend takes a .tflite as input: one line saying what to give instead
         assert rc == 2 and "tflite" in text.lower() and len(text.strip().splitlines()) == 1, text
         return
@@ -108,7 +100,7 @@ def test_transformer_default_deploy_meets_cosine_099(name, prepared, tmp_path):
     """No spec at all: the transformer is deployed with dynamic per-channel INT8 MatMuls on the x86 profile's
     onnxruntime entry and keeps cosine >= 0.99 to FP32 on real text."""
     model = zoo.get(name)
-    rc, text = _deploy(model, prepared(name), tmp_path / "b", "--target", _host_x86(), "--backend",
+    rc, text = _deploy(model, prepared(name), tmp_path / "b", "--target", host_x86_profile(), "--backend",
                        "onnxruntime")
     assert rc == 0, text[-3000:]
     assert "activations.mode auto -> dynamic" in text
