@@ -208,19 +208,20 @@ class Bundle:
     def judge_runner(self, key: int | str = 0, threads: int | None = None) -> tuple[Any, str]:
         """``(runner, numerics)``: what an artifact's accuracy is re-checked with here, as the deploy checked it --
         the bundle profile's exact INT8 accumulation emulated where this host's kernels differ
-        (:func:`qdeploy.profile_numerics.target_emulation`, ``numerics`` says so), else :meth:`runner`."""
+        (:func:`qdeploy.profile_numerics.target_judge`, ``numerics`` says so), else :meth:`runner`."""
         art = self.artifact(key)
         data = (self.manifest.get("profile") or {}).get("data") or {}
         if data.get("name") and data.get("device"):
-            from .profile_numerics import ExactInt32Runner, target_emulation
+            from .profile_numerics import target_judge
             from .profiles import Profile
 
-            path = self.path / art["path"]  # the numerics need the device class, its architecture and flags only
-            target = Profile(str(data["name"]), "", str(data["device"]), (), str(data.get("arch") or ""),
-                             tuple(str(f) for f in data.get("cpu_flags") or ()))
-            numerics = target_emulation(target, art["backend"], path)
-            if numerics:
-                return ExactInt32Runner(path, threads or self.threads), numerics
+            # the numerics need the device class, its architecture and CPU flags only
+            flags = tuple(str(f) for f in data.get("cpu_flags") or ())
+            target = Profile(name=str(data["name"]), description="", device=str(data["device"]), backends=(),
+                             arch=str(data.get("arch") or ""), cpu_flags=flags)
+            judge, numerics = target_judge(target, art["backend"], self.path / art["path"], threads or self.threads)
+            if judge is not None:
+                return judge, numerics
         return self.runner(key, threads), ""
 
     def reference_runner(self, threads: int | None = None) -> Any:

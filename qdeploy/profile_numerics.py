@@ -311,6 +311,14 @@ def target_emulation(profile: Profile, backend: str, path: str | Path, host: Hos
     return words if info.quantized and not info.blocking_ops else ""
 
 
+def target_judge(profile: Profile, backend: str, path: str | Path, threads: int,
+                 host: Host | None = None) -> tuple[Runner | None, str]:
+    """``(runner, numerics)`` that judge an artifact's accuracy for ``profile`` on this host: the exact int32
+    emulation and its words where :func:`target_emulation` says so, else ``(None, "")`` (its own runtime judges)."""
+    words = target_emulation(profile, backend, path, host)
+    return (ExactInt32Runner(path, threads), words) if words else (None, "")
+
+
 # --- one row: an artifact under a profile ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RowPlan:

@@ -139,7 +139,8 @@ class DeployContext:
     progress: Progress | None = None
     objective: str = "latency"
     profile: Profile | None = None
-    """The deploy's hardware profile: whose INT8 numerics an artifact is verified with (see ``emulation``)."""
+    """The deploy's hardware profile: whose INT8 numerics an artifact is verified with
+    (:func:`qdeploy.profile_numerics.target_judge`)."""
     range_cache: dict[tuple, ActivationRanges] = field(default_factory=dict)
     ranges_cached: bool = False
     _timer: OrtRunner | None = None
@@ -172,15 +173,6 @@ class DeployContext:
             for tensor, why in found.nonfinite.items():
                 self.echo(f"calibration: tensor {tensor} {why}: it stays float (no finite range)")
         return self.range_cache[key]
-
-    def emulation(self, backend: str, path: Path) -> str:
-        """The target's INT8 numerics, emulated, when this host's kernels are not the target's ('' otherwise):
-        :func:`qdeploy.profile_numerics.target_emulation`."""
-        if self.profile is None:
-            return ""
-        from .profile_numerics import target_emulation
-
-        return target_emulation(self.profile, backend, path)
 
     def timer(self) -> OrtRunner:
         """The FP32 reference each trial is timed against (one session for the whole deploy)."""
@@ -231,14 +223,14 @@ class FallbackRun:
             art = backend.build(plan, ctx.work / f"{self.label.replace(':', '-')}-{i}")
             stage = "load"
             runner = backend.runner(art.path, {**art.meta, "threads": ctx.threads})
-            numerics = ctx.emulation(backend.name, art.path)
-            judge = runner
+            judge, numerics = runner, ""
             stage = "run"
             try:
-                if numerics:  # the target's exact INT8 accumulation, not this host's saturating kernels
-                    from .profile_numerics import ExactInt32Runner
+                if ctx.profile is not None:  # the target's exact INT8 accumulation, not this host's saturating kernels
+                    from .profile_numerics import target_judge
 
-                    judge = ExactInt32Runner(art.path, ctx.threads)
+                    emulated, numerics = target_judge(ctx.profile, backend.name, art.path, ctx.threads)
+                    judge = emulated or runner
                 shown = ctx.progress
                 cb = (lambda d, n: shown(f"verify {self.label} trial {i}", d, n)) if shown else None
                 where = {"kind": self.caps.verified_on, **(art.meta.get("verified_on") or {}),

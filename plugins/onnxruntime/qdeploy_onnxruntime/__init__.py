@@ -248,8 +248,7 @@ def _float_inputs(path: Path, source: Path, float_nodes: list[str]) -> int:
     proto = onnx.load(str(path))
     g = proto.graph
     wanted = set(float_nodes)
-    ref_proto = onnx.load(str(source), load_external_data=False)
-    ref = ref_proto.graph
+    ref = onnx.load(str(source), load_external_data=False).graph
     original = {n.name: list(n.input) for n in ref.node if n.name in wanted}
     wrote = {o: n for n in ref.node for o in n.output}
     writes = {o: n.name for n in g.node for o in n.output} | {i.name: "" for i in g.input}

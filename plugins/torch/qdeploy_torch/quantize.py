@@ -311,14 +311,11 @@ def observe_after_clamps(prepared: torch.fx.GraphModule) -> int:
             uses.setdefault(id(module(n.target)), set()).add(n.target)
     changed = 0
     for node in prepared.graph.nodes:
-        if node.op == "call_function" and node.target in (F.hardtanh, F.relu6, torch.clamp):
-            if node.target is F.relu6:
-                lo, hi = 0.0, 6.0
-            elif node.target is F.hardtanh:
-                lo, hi = (list(node.args[1:3]) + [node.kwargs.get("min_val", -1.0), node.kwargs.get("max_val", 1.0)]
-                          [len(node.args) - 1:])[:2]
-            else:
-                continue
+        if node.op == "call_function" and node.target is F.relu6:
+            lo, hi = 0.0, 6.0
+        elif node.op == "call_function" and node.target is F.hardtanh:
+            lo, hi = (list(node.args[1:3]) + [node.kwargs.get("min_val", -1.0), node.kwargs.get("max_val", 1.0)]
+                      [len(node.args) - 1:])[:2]
         elif node.op == "call_module" and isinstance(module(node.target), torch.nn.Hardtanh):
             lo, hi = module(node.target).min_val, module(node.target).max_val  # ReLU6 is a Hardtanh(0, 6)
         else:
