@@ -35,6 +35,14 @@ if TYPE_CHECKING:
     from .spec import QuantSpec
 
 
+TENSOR_OPS = {"Add": 2, "Mul": 2, "Concat": 1, "Softmax": 1}
+"""Weightless ops whose float activation inputs some backend quantizes (a residual Add, an SE gate's Mul, a
+Concat, attention's Softmax), with how many float activation inputs make one a layer: an Add of a bias or a Mul
+by a constant is part of its producer, not a tensor of its own. Each becomes a layer of kind ``tensor``, so the
+sensitivity ranks it and a fallback can keep it float, on the backends that say they can
+(:meth:`Backend.quantized_tensor_ops`)."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can do for one profile entry, on this host, right now.
@@ -174,6 +182,13 @@ class Backend(ABC):
         """Warnings for ``qdeploy check`` and ``deploy`` about a combination that works but is a bad idea here
         (measured slow paths, for instance). Optional."""
         return []
+
+    def quantized_tensor_ops(self, model: ModelHandle, spec: QuantSpec, target: BackendTarget) -> tuple[str, ...]:
+        """The weightless op types (of :data:`TENSOR_OPS`: Add, Mul, Concat, Softmax) whose input
+        tensors this backend quantizes for ``model`` under ``spec`` *and* can keep float one op at a time. The
+        model's layers of these types join the entry's plan: ranked by the sensitivity, promotable by the fallback,
+        each precision in the manifest. Ops not listed stay as the backend's recipe has them. Optional."""
+        return ()
 
     def release(self) -> None:
         """Drop what the backend kept between the builds of one profile entry's fallback run (a model's exported

@@ -174,6 +174,15 @@ def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: 
     return res
 
 
+def entry_layers(res: Resolution, model: Any) -> dict[str, Any]:
+    """The layers one entry plans: every weighted and activation x activation layer, and the tensor layers
+    (Add, Concat, ...) of the op types its backend quantizes and can keep float one by one."""
+    ops: tuple[str, ...] = ()
+    if res.backend is not None and res.spec is not None:
+        ops = res.backend.quantized_tensor_ops(model, res.spec, res.target)
+    return {n: l for n, l in model.layers.items() if l.kind != "tensor" or l.op_type in ops}
+
+
 def initial_layer_precisions(res: Resolution, layers: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
     """Each layer's starting precision (spec default and overrides, moved onto what this entry runs) and the
     set of layers pinned by an override (the fallback loop leaves those alone)."""
@@ -241,7 +250,8 @@ def choose(trials: list[Trial], objective: str = "latency") -> Trial:
 
 Score = tuple[float, float]
 """A layer's ``(noise, cost)``: the output noise it contributes when quantized (a fraction of the output's power,
-from its simulated SQNR alone) and the cost of promoting it (the float weight bytes it adds back)."""
+from its simulated SQNR alone) and the cost of promoting it (the float weight bytes it adds back; for a layer
+without a weight, the activation bytes it reads: see :mod:`qdeploy.sensitivity`)."""
 
 
 def promotion_order(scores: dict[str, Score]) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import quiet
+from .backend import TENSOR_OPS, quiet
 from .errors import ModelError
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -54,6 +54,14 @@ class LayerInfo:
     output: str
     activations: tuple[str, ...] = ()
     """Every activation (non-initializer) input of the node: two for an activation x activation MatMul."""
+
+    @property
+    def kind(self) -> str:
+        """``weighted`` (a Conv/Gemm/MatMul with a weight), ``activation`` (an activation x activation MatMul)
+        or ``tensor`` (a weightless op of :data:`TENSOR_OPS`: what is quantized are its input tensors)."""
+        if self.op_type in TENSOR_OPS:
+            return "tensor"
+        return "weighted" if self.weight else "activation"
 
 
 @dataclass
@@ -92,7 +100,7 @@ class ModelHandle:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "format": self.format, "sha256": self.sha256,
                 "inputs": [asdict(i) for i in self.inputs], "outputs": [asdict(o) for o in self.outputs],
-                "layers": {k: asdict(v) for k, v in self.layers.items()}, "opset": self.opset,
+                "layers": {k: {**asdict(v), "kind": v.kind} for k, v in self.layers.items()}, "opset": self.opset,
                 "intake": list(self.notes), "prequantized": list(self.prequantized)}
 
 
@@ -302,29 +310,53 @@ def _tensor_info(vi: Any) -> TensorInfo:
 
 
 def layer_map(proto: Any) -> dict[str, LayerInfo]:
-    """One stable name per quantizable node: the PyTorch module path when the exporter recorded it."""
+    """One stable name per quantizable node: the PyTorch module path when the exporter recorded it. Weighted
+    layers are named by their module; a tensor layer (:data:`TENSOR_OPS`) by its module and op
+    (``blocks.3/add``, ``#2`` for a second one), or its node name."""
     inits = {t.name for t in proto.graph.initializer}
+    floats = _float_tensors(proto) if any(n.op_type in TENSOR_OPS for n in proto.graph.node) else set()
     layers: dict[str, LayerInfo] = {}
     for node in proto.graph.node:
-        if node.op_type not in QUANTIZABLE_OPS:
+        tensor = node.op_type in TENSOR_OPS
+        if node.op_type not in QUANTIZABLE_OPS and not tensor:
             continue
+        acts = tuple(x for x in node.input if x and x not in inits)
+        if tensor and (len([x for x in acts if x in floats]) < TENSOR_OPS[node.op_type]
+                       or any(x not in floats for x in acts) or node.output[0] not in floats):
+            continue  # shape arithmetic (int64), an Add of a bias, a Mul by a constant
         name = node.name
-        weight = next((x for x in node.input[1:2] if x in inits), "")
+        weight = "" if tensor else next((x for x in node.input[1:2] if x in inits), "")
         meta = {p.key: p.value for p in node.metadata_props}
         scopes = meta.get("pkg.torch.onnx.name_scopes")
+        module = ""
+        if scopes:
+            parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+            module = parts[-2] if len(parts) >= 2 else ""
         if weight.endswith(".weight"):  # a PyTorch parameter keeps its module path (even when BN was folded in)
             name = weight[: -len(".weight")]
-        elif scopes:
-            parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
-            if len(parts) >= 2 and parts[-2]:
-                name = parts[-2]
+        elif tensor and module:
+            name = f"{module}/{node.op_type.lower()}"
+        elif module:
+            name = module
         base, k = name, 1
         while name in layers:
             k += 1
             name = f"{base}#{k}"
-        acts = tuple(x for x in node.input if x and x not in inits)
         layers[name] = LayerInfo(name, node.op_type, node.name, weight, node.input[0], node.output[0], acts)
     return layers
+
+
+def _float_tensors(proto: Any) -> set[str]:
+    """The names of the graph's float32 tensors, by onnx's shape inference (empty where it fails)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - an odd graph loses its tensor layers, never its intake
+        return set()
+    g = inferred.graph
+    return {vi.name for vi in list(g.value_info) + list(g.input) + list(g.output)
+            if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
 
 # --- PyTorch ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .backend import OrtRunner
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output
 from .calibration import Dataset, collect_ranges, open_data
 from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, StrictPolicyError
-from .fallback import OBJECTIVES, Events, Resolution, initial_layer_precisions, resolve
+from .fallback import OBJECTIVES, Events, Resolution, entry_layers, initial_layer_precisions, resolve
 from .model import ModelHandle, load_model, random_inputs
 from .run import DeployContext, FallbackRun, moved_layers, needs_ranges, transforms_preview
 from .plugins import Registry, get_registry
@@ -88,7 +88,7 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
             transforms: dict[str, Any] | None = None
             numerics = ""
             if res.runnable:
-                layers, _ = initial_layer_precisions(res, handle.layers)
+                layers, _ = initial_layer_precisions(res, entry_layers(res, handle))
                 layers = _check_translation(res, handle, layers)
                 if res.caps and res.caps.verified_on == "simulated" and not res.caps.oracle:  # as deploy records it
                     res.note("BACKEND_UNAVAILABLE", f"the {res.target.backend} runtime is not available here"
@@ -132,7 +132,7 @@ def sensitivity(model: Any, target: str | Profile | None = None, spec: Any = Non
                                f"(see `qdeploy check`)")
         rspec = res.spec
         assert rspec is not None  # runnable
-        layer_prec, _ = initial_layer_precisions(res, handle.layers)
+        layer_prec, _ = initial_layer_precisions(res, entry_layers(res, handle))
         layers = [n for n, p in layer_prec.items() if p in QUANTIZED]
         if not layers:
             raise DataError(f"{res.target.label}: no layer is quantized under this spec: nothing to measure")

@@ -21,7 +21,8 @@ from .backend import Backend, Capabilities, OrtRunner, Plan
 from .bundle import path_sha256, path_size
 from .calibration import ActivationRanges, Dataset, collect_ranges, unranged_layers
 from .errors import BackendError, QDeployError, StrictPolicyError
-from .fallback import Events, Resolution, Trial, accuracy_loop, failure_event, initial_layer_precisions
+from .fallback import (Events, Resolution, Trial, accuracy_loop, entry_layers, failure_event,
+                       initial_layer_precisions)
 from .model import ModelHandle
 from .profiles import Profile
 from .records import ArtifactRecord, LayerMove
@@ -199,7 +200,7 @@ class FallbackRun:
         self.strict = self.spec.fallback.policy == "strict"
         # each layer's starting precision: an override the device cannot run is a resolution event (refused, and
         # the entry not runnable, under strict)
-        self.layer_prec, self.pinned = initial_layer_precisions(res, ctx.model.layers)
+        self.layer_prec, self.pinned = initial_layer_precisions(res, entry_layers(res, ctx.model))
         self.ranges: ActivationRanges | None = None
         self.model = ctx.model  # what the backend builds from: the reference, or the reference transformed
         self.transforms: dict[str, Any] = {}  # what the accuracy transforms did, for the manifest

@@ -174,16 +174,20 @@ def simulated_model(model: ModelHandle, spec: QuantSpec, ranges: ActivationRange
                                           name=f"{layer.weight}__fq_{name}")
             proto.graph.initializer.append(new)
             node.input[1] = new.name
-        if static is not None and layer.input in static.ranges and precision == "fp8":
-            lo, hi = static.get(layer.input)
-            insert_qdq(proto, node, 0, np.array(fp8_scale(max(-lo, hi)), np.float32), fp8_zero_point(),
-                       f"{layer.input}__fq_{name}")
-        elif static is not None and layer.input in static.ranges:
-            lo, hi = static.get(layer.input)
-            sym = spec.activations.symmetric
-            s, z, _, _ = qparams(lo, hi, 8, sym, signed=sym)
-            insert_qdq(proto, node, 0, np.array(s, np.float32), np.array(z, np.int8 if sym else np.uint8),
-                       f"{layer.input}__fq_{name}")
+        if static is None:
+            continue
+        # every activation the layer reads: one for a Conv, two for an activation x activation MatMul or an Add
+        for index, tensor in enumerate(list(node.input)):
+            if tensor not in (layer.activations or (layer.input,)) or tensor not in static.ranges:
+                continue
+            lo, hi = static.get(tensor)
+            if precision == "fp8":
+                scale, zp = np.array(fp8_scale(max(-lo, hi)), np.float32), fp8_zero_point()
+            else:
+                sym = spec.activations.symmetric
+                s, z, _, _ = qparams(lo, hi, 8, sym, signed=sym)
+                scale, zp = np.array(s, np.float32), np.array(z, np.int8 if sym else np.uint8)
+            insert_qdq(proto, node, index, scale, zp, f"{tensor}__fq_{name}_{index}")
     return proto
 
 

@@ -120,9 +120,21 @@ def test_a_float_layer_reads_float_input(tmp_path, mlp_data):
             "budget": {"metric": "cosine", "threshold": 0.9}}
     art, proto = _graph(_deploy(tmp_path, tmp_path / "res.onnx", mlp_data, "x86-avx512-vnni", spec=spec))
     fc2 = next(n for n in proto.graph.node if n.name == "fc2")
-    assert art["layer_precisions"] == {"fc1": "int8", "fc2": "fp32"} and art["budget"]["passed"]
+    assert art["layer_precisions"] == {"fc1": "int8", "residual": "int8", "fc2": "fp32"} and art["budget"]["passed"]
     assert fc2.input[0] == "h1" and art["meta"]["qdq"]["float_inputs_of_float_layers"] == 1
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "h1" for n in proto.graph.node)  # pair removed
+
+    # the residual Add is a layer of its own (kind tensor): kept float alone, it reads the float tensors while
+    # both MatMuls stay INT8
+    spec["overrides"] = [{"match": "residual", "precision": "fp32"}]
+    art, proto = _graph(_deploy(tmp_path / "add", tmp_path / "res.onnx", mlp_data, "x86-avx512-vnni", spec=spec))
+    add = next(n for n in proto.graph.node if n.name == "residual")
+    assert art["layer_precisions"] == {"fc1": "int8", "residual": "fp32", "fc2": "int8"}
+    assert list(add.input) == ["h0", "x"], "a float Add reads the reference's float tensors"
+    writers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    for name in ("fc1", "fc2"):  # both still read Q/DQ pairs, activation and weight
+        node = next(n for n in proto.graph.node if n.name == name)
+        assert [writers.get(x) for x in node.input[:2]] == ["DequantizeLinear"] * 2, name
 
 def test_a_model_with_external_weights_deploys(tmp_path, mlp_data):
     src = tmp_path / "src"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pluggy
 
-from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, quiet, threads_of
+from qdeploy.backend import TENSOR_OPS, Artifact, Backend, Capabilities, OrtRunner, Plan, quiet, threads_of
 from qdeploy.spec import summarize_precision
 from qdeploy.errors import BackendError
 
@@ -72,6 +72,14 @@ class OnnxRuntimeBackend(Backend):
                          "format here, not a speed one")
         return notes
 
+    def quantized_tensor_ops(self, model: Any, spec: Any, target: Any) -> tuple[str, ...]:
+        """Static INT8 of a convolutional graph quantizes residual Adds, gates' Muls and Concats (QLinearAdd,
+        QLinearMul, QLinearConcat); excluding one node keeps it float and ``_float_inputs`` hands it the float
+        tensors. Transformers and dynamic INT8 quantize none."""
+        if spec.activations.mode != "static" or model.prequantized:
+            return ()
+        return tuple(op for op in TENSOR_OPS if op in STATIC_OPS[model.family])
+
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
         lp = dict(layer_precisions)
         used = set(lp.values())
@@ -92,8 +100,9 @@ class OnnxRuntimeBackend(Backend):
                                "PRECISION_UNSUPPORTED")
         mode = spec.activations.mode
         if "int8" in used and mode == "dynamic":
-            for name, layer in model.layers.items():  # never dynamic INT8 for convolutions (measured slow)
-                if lp[name] != "int8":
+            for name, p in lp.items():  # never dynamic INT8 for convolutions (measured slow)
+                layer = model.layers[name]
+                if p != "int8":
                     continue
                 if layer.op_type not in DYNAMIC_OPS:
                     lp[name] = "fp32"
@@ -105,8 +114,9 @@ class OnnxRuntimeBackend(Backend):
                                      "and stays FP32 (use static activations to quantize it)")
         if "int8" in used and mode == "static":
             recipe = STATIC_OPS[model.family]
-            for name, layer in model.layers.items():
-                if lp[name] == "int8" and layer.op_type not in recipe:
+            for name, p in lp.items():
+                layer = model.layers[name]
+                if p == "int8" and layer.op_type not in recipe:
                     lp[name] = "fp32"
                     reasons[name] = f"the {model.family} recipe keeps {layer.op_type} in float"
         if "int8" in used and mode == "none":
