@@ -19,7 +19,7 @@ import logging
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,7 @@ TENSOR_OPS = {"Add": 2, "Mul": 2, "Concat": 1, "Softmax": 1}
 Concat, attention's Softmax), with how many float activation inputs make one a layer: an Add of a bias or a Mul
 by a constant is part of its producer, not a tensor of its own. Each becomes a layer of kind ``tensor``, so the
 sensitivity ranks it and a fallback can keep it float, on the backends that say they can
-(:meth:`Backend.quantized_tensor_ops`)."""
+(:meth:`Backend.quantized_tensors`)."""
 
 
 @dataclass(frozen=True)
@@ -183,11 +183,11 @@ class Backend(ABC):
         (measured slow paths, for instance). Optional."""
         return []
 
-    def quantized_tensor_ops(self, model: ModelHandle, spec: QuantSpec, target: BackendTarget) -> tuple[str, ...]:
-        """The weightless op types (of :data:`TENSOR_OPS`: Add, Mul, Concat, Softmax) whose input
-        tensors this backend quantizes for ``model`` under ``spec`` *and* can keep float one op at a time. The
-        model's layers of these types join the entry's plan: ranked by the sensitivity, promotable by the fallback,
-        each precision in the manifest. Ops not listed stay as the backend's recipe has them. Optional."""
+    def quantized_tensors(self, model: ModelHandle, spec: QuantSpec, target: BackendTarget) -> Collection[str]:
+        """The model's tensor layers (kind ``tensor``: an Add, Mul, Concat or Softmax of :data:`TENSOR_OPS`) whose
+        input tensors this backend quantizes under ``spec`` *and* can keep float one at a time. They join the
+        entry's plan: ranked by the sensitivity, promotable by the fallback, each precision in the manifest.
+        Tensor layers not named stay as the backend's recipe has them. Optional."""
         return ()
 
     def release(self) -> None:

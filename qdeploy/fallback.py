@@ -8,7 +8,7 @@ import dataclasses
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,11 +176,11 @@ def resolve(target: BackendTarget, backends: dict[str, Backend], model_formats: 
 
 def entry_layers(res: Resolution, model: Any) -> dict[str, Any]:
     """The layers one entry plans: every weighted and activation x activation layer, and the tensor layers
-    (Add, Concat, ...) of the op types its backend quantizes and can keep float one by one."""
-    ops: tuple[str, ...] = ()
+    (Add, Concat, ...) its backend quantizes and can keep float one by one."""
+    tensors: Collection[str] = ()
     if res.backend is not None and res.spec is not None:
-        ops = res.backend.quantized_tensor_ops(model, res.spec, res.target)
-    return {n: l for n, l in model.layers.items() if l.kind != "tensor" or l.op_type in ops}
+        tensors = set(res.backend.quantized_tensors(model, res.spec, res.target))
+    return {n: l for n, l in model.layers.items() if l.kind != "tensor" or n in tensors}
 
 
 def initial_layer_precisions(res: Resolution, layers: dict[str, Any]) -> tuple[dict[str, str], set[str]]:

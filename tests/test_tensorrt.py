@@ -151,6 +151,25 @@ def test_promoted_layers_have_no_qdq_and_carry_precision_constraints(residual, t
     assert out.shape == (4, 5) and np.isfinite(out).all()
 
 
+def test_a_residual_add_is_a_layer_tensorrt_can_keep_float(residual, tmp_path):
+    """The residual Add is a tensor layer TensorRT quantizes (R6) and can promote alone: kept float, its residual
+    input gets no Q/DQ pair while every weighted layer stays INT8, and the graph still follows the rules."""
+    handle, spec, ranges, _ = residual
+    assert handle.layers["residual_add"].kind == "tensor"
+    assert TensorRTBackend().quantized_tensors(handle, spec, _target()) == ["residual_add"]
+    lp = {n: "int8" for n in handle.layers}
+    lp["residual_add"] = "fp32"
+    _, art = _build(handle, spec, ranges, lp, tmp_path)
+    proto = onnx.load(str(art.path / "model_qdq.onnx"))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    add = next(n for n in proto.graph.node if n.name == "residual_add")
+    assert [producer[i].op_type for i in add.input] == ["Conv", "Relu"], "both inputs float"
+    assert art.meta["qdq"]["residual_qdq"] == [] and art.meta["qdq"]["int8_layers"] == 4
+    weighted = [handle.layers[n].node for n in lp if handle.layers[n].kind != "tensor"]
+    assert check_rules(proto, weighted, float_adds=["residual_add"]) == []
+    assert check_rules(proto, weighted) != [], "without the plan's float Add, R6 is broken"
+
+
 def test_rule_checker_reports_violations(residual, tmp_path):
     handle, spec, ranges, _ = residual
     lp = {n: "int8" for n in handle.layers}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pluggy
 
-from qdeploy.backend import TENSOR_OPS, Artifact, Backend, Capabilities, OrtRunner, Plan, quiet, threads_of
+from qdeploy.backend import Artifact, Backend, Capabilities, OrtRunner, Plan, quiet, threads_of
 from qdeploy.spec import summarize_precision
 from qdeploy.errors import BackendError
 
@@ -72,13 +72,14 @@ class OnnxRuntimeBackend(Backend):
                          "format here, not a speed one")
         return notes
 
-    def quantized_tensor_ops(self, model: Any, spec: Any, target: Any) -> tuple[str, ...]:
+    def quantized_tensors(self, model: Any, spec: Any, target: Any) -> list[str]:
         """Static INT8 of a convolutional graph quantizes residual Adds, gates' Muls and Concats (QLinearAdd,
         QLinearMul, QLinearConcat); excluding one node keeps it float and ``_float_inputs`` hands it the float
         tensors. Transformers and dynamic INT8 quantize none."""
         if spec.activations.mode != "static" or model.prequantized:
-            return ()
-        return tuple(op for op in TENSOR_OPS if op in STATIC_OPS[model.family])
+            return []
+        return [n for n, layer in model.layers.items()
+                if layer.kind == "tensor" and layer.op_type in STATIC_OPS[model.family]]
 
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
         lp = dict(layer_precisions)

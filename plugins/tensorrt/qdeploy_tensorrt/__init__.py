@@ -80,6 +80,16 @@ class TensorRTBackend(Backend):
                          f"neighbouring Q/DQ; elsewhere they run in {flt}")
         return notes
 
+    def quantized_tensors(self, model: Any, spec: Any, target: Any) -> list[str]:
+        """The residual Adds (R6): an Add one of whose inputs a weighted layer writes and the other an activation
+        gets a Q/DQ pair on that residual input, so TensorRT fuses the addition into the layer's epilogue; one
+        kept float gets none and runs in float after its layer. Other Adds are never quantized here."""
+        if spec.precision not in QUANTIZED or model.prequantized:
+            return []
+        writer = {l.output: l for l in model.layers.values() if l.kind != "tensor"}
+        return [n for n, l in model.layers.items() if l.kind == "tensor" and l.op_type == "Add"
+                and len(l.activations) == 2 and sum(a in writer for a in l.activations) == 1]
+
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
         integer_ops = sorted(set(model.prequantized) - {"QuantizeLinear", "DequantizeLinear"})
         if integer_ops:
@@ -130,9 +140,11 @@ class TensorRTBackend(Backend):
         folder = workdir / "tensorrt"
         folder.mkdir(parents=True, exist_ok=True)
         model, lp, target = plan.model, plan.layer_precisions, plan.target
-        int8_nodes = [model.layers[n].node for n, p in lp.items() if p == "int8"]
-        fp8_nodes = [model.layers[n].node for n, p in lp.items() if p == "fp8"]
-        float_layers = {n: p for n, p in lp.items() if p not in QUANTIZED}
+        weighted = {n: p for n, p in lp.items() if model.layers[n].kind != "tensor"}
+        int8_nodes = [model.layers[n].node for n, p in weighted.items() if p == "int8"]
+        fp8_nodes = [model.layers[n].node for n, p in weighted.items() if p == "fp8"]
+        float_adds = [model.layers[n].node for n, p in lp.items() if n not in weighted and p not in QUANTIZED]
+        float_layers = {n: p for n, p in weighted.items() if p not in QUANTIZED}
         events = list(plan.state.get("events", []))
         meta: dict[str, Any] = {"compute_capability": target.compute_capability, "build_config": BUILD_CONFIG}
         if int8_nodes or fp8_nodes:
@@ -141,15 +153,18 @@ class TensorRTBackend(Backend):
                                    "BUILD_FAILED")
             onnx_name = "model_qdq.onnx"
             summary = write_qdq_model(model.onnx_path, folder / onnx_name, plan.ranges.ranges, int8_nodes,
-                                      plan.spec.weights.granularity.type == "per_channel", workdir, fp8_nodes)
+                                      plan.spec.weights.granularity.type == "per_channel", workdir, fp8_nodes,
+                                      float_adds)
             import onnx
             problems = check_rules(onnx.load(str(folder / onnx_name)), int8_nodes,
-                                   [model.layers[n].node for n in float_layers], fp8_nodes, plan.ranges.nonfinite)
+                                   [model.layers[n].node for n in float_layers], fp8_nodes, plan.ranges.nonfinite,
+                                   float_adds)
             if problems:
                 raise BackendError("the Q/DQ graph breaks TensorRT's rules: " + "; ".join(problems), "BUILD_FAILED")
             meta["qdq"] = summary
             meta["symmetric_range_cost"] = symmetric_cost(plan.ranges.ranges,
-                                                          [model.layers[n].input for n, p in lp.items() if p == "int8"])
+                                                          [model.layers[n].input for n, p in weighted.items()
+                                                           if p == "int8"])
         else:
             onnx_name = "model.onnx"
             shutil.copyfile(model.onnx_path, folder / onnx_name)

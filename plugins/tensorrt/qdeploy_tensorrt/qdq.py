@@ -52,10 +52,11 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float, float]],
                     int8_nodes: Iterable[str], per_channel: bool, workdir: Path,
-                    fp8_nodes: Iterable[str] = ()) -> dict[str, Any]:
+                    fp8_nodes: Iterable[str] = (), float_adds: Collection[str] = ()) -> dict[str, Any]:
     """Write the Q/DQ ONNX of ``reference`` with ``int8_nodes`` (ONNX node names of weighted layers) in INT8,
-    ``fp8_nodes`` in FP8 E4M3 and every other node in float. Returns a summary (counts of Q/DQ pairs, residual
-    pairs added)."""
+    ``fp8_nodes`` in FP8 E4M3 and every other node in float; the Adds of ``float_adds`` (node names) get no
+    residual pair (R6), so TensorRT runs them in float after their layer. Returns a summary (counts of Q/DQ
+    pairs, residual pairs added)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -86,7 +87,8 @@ def write_qdq_model(reference: Path, out: Path, ranges: Mapping[str, tuple[float
     if fp8_nodes:
         proto = ensure_opset(proto, 19)  # R8
         unused = retype_fp8(proto, ranges, set(fp8_nodes))
-    residual = add_residual_qdq(proto, ranges, set(int8_only), set(fp8_nodes))
+    residual = add_residual_qdq(proto, ranges, set(int8_only), set(fp8_nodes), set(float_adds))
+    _unquantize_inputs(proto, set(float_adds))
     for node in proto.graph.node:  # exporter debug metadata: not needed by TensorRT, a few % of the size
         del node.metadata_props[:]
         node.doc_string = ""
@@ -183,14 +185,16 @@ def retype_fp8(proto: Any, ranges: Mapping[str, tuple[float, float]], fp8_nodes:
 
 
 def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8_nodes: set[str],
-                     fp8_nodes: Collection[str] = frozenset()) -> list[str]:
+                     fp8_nodes: Collection[str] = frozenset(), float_adds: Collection[str] = frozenset()) -> list[str]:
     """R6: Q/DQ on the residual input of every Add whose other input is the output of an INT8 (FP8) weighted
-    layer, of that layer's type. Returns the residual tensors that got a pair."""
+    layer, of that layer's type, but those of ``float_adds`` (kept float by the plan). Returns the residual
+    tensors that got a pair."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     inits = {t.name for t in proto.graph.initializer}
     added: list[str] = []
     for node in list(proto.graph.node):
-        if node.op_type != "Add" or len(node.input) != 2 or any(i in inits for i in node.input):
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in inits for i in node.input) \
+                or node.name in float_adds:
             continue
         srcs = [producer.get(i) for i in node.input]
         fused = [i for i, s in enumerate(srcs) if s is not None and s.op_type in WEIGHTED_OPS
@@ -214,11 +218,34 @@ def add_residual_qdq(proto: Any, ranges: Mapping[str, tuple[float, float]], int8
     return added
 
 
+def _unquantize_inputs(proto: Any, names: set[str]) -> None:
+    """The nodes ``names`` read float tensors: an input that ``quantize_static`` wired through a dedicated Q/DQ pair
+    (because another reader of the tensor is quantized) is wired back to the tensor, and the pair removed."""
+    producer, consumers = _links(proto)
+    dead: set[str] = set()
+    for node in proto.graph.node:
+        if node.name not in names:
+            continue
+        for k, t in enumerate(node.input):
+            dq = producer.get(t)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            node.input[k] = q.input[0]
+            if len(consumers.get(dq.output[0], [])) == 1 and len(consumers.get(q.output[0], [])) == 1:
+                dead |= {dq.name, q.name}
+    keep = [n for n in proto.graph.node if n.name not in dead]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
 def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str] = (),
-                fp8_nodes: Iterable[str] = (), unranged: Iterable[str] = ()) -> list[str]:
+                fp8_nodes: Iterable[str] = (), unranged: Iterable[str] = (),
+                float_adds: Collection[str] = ()) -> list[str]:
     """Every way ``proto`` breaks R1-R8 for the given INT8, float (promoted) and FP8 weighted nodes; empty if
     none. ``unranged`` tensors (inf/NaN or mask fills on the calibration data) cannot be quantized: an Add
-    whose residual input is one of them is not fused by TensorRT and runs in float, which R6 allows."""
+    whose residual input is one of them is not fused by TensorRT and runs in float, which R6 allows; so does
+    an Add of ``float_adds``, which the plan keeps float."""
     import ml_dtypes
 
     from onnx import numpy_helper
@@ -265,7 +292,9 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
                     if qdq_axis(n) % w.ndim != want:
                         problems.append(f"R3 {n.name}: per-channel axis {qdq_axis(n)} for {c.op_type} {c.name}; "
                                         f"the output-channel axis is {want}")
-    int8_nodes, fp8_nodes = list(int8_nodes), list(fp8_nodes)
+    # R4 is about weighted layers: a tensor layer's (an Add's) precision shows in its residual pair (R6)
+    int8_nodes, fp8_nodes = [[n for n in names if n not in nodes or nodes[n].op_type in WEIGHTED_OPS]
+                             for names in (int8_nodes, fp8_nodes)]
     quantized = set(int8_nodes) | set(fp8_nodes)
     if fp8_nodes and next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) < 19:
         problems.append("R8: FP8 Q/DQ needs ONNX opset 19 or later")
@@ -309,7 +338,7 @@ def check_rules(proto: Any, int8_nodes: Iterable[str], float_nodes: Iterable[str
             if src is not None and src.op_type == "DequantizeLinear":
                 problems.append(f"{name}: kept in float by the plan but its input {t!r} comes from a DequantizeLinear")
     for n in proto.graph.node:
-        if n.op_type != "Add" or len(n.input) != 2:
+        if n.op_type != "Add" or len(n.input) != 2 or n.name in float_adds:
             continue
         srcs = [producer.get(i) for i in n.input]
         fused = [i for i, s in enumerate(srcs) if s is not None and s.name in int8 and s.op_type in WEIGHTED_OPS]
