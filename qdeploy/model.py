@@ -334,7 +334,7 @@ def layer_map(proto: Any) -> dict[str, LayerInfo]:
             module = parts[-2] if len(parts) >= 2 else ""
         if weight.endswith(".weight"):  # a PyTorch parameter keeps its module path (even when BN was folded in)
             name = weight[: -len(".weight")]
-        elif tensor and module:
+        elif tensor and scopes:  # "/add" for one in the root module's own forward
             name = f"{module}/{node.op_type.lower()}"
         elif module:
             name = module

@@ -228,7 +228,9 @@ def _unquantize_inputs(proto: Any, names: set[str]) -> None:
             continue
         for k, t in enumerate(node.input):
             dq = producer.get(t)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
             if q is None or q.op_type != "QuantizeLinear":
                 continue
             node.input[k] = q.input[0]
