@@ -3,7 +3,8 @@
 For each reference variant -- ``original`` (BatchNorm folded, nothing else), ``cle`` (cross-layer equalization,
 ReLU6 kept, FP32 function unchanged on the calibration data), ``cle+bc`` (CLE then sequential empirical bias
 correction for the weight granularity at hand, 8-bit activations simulated), ``cle+bcw`` (the same, weights
-only) and ``bc``/``bcw`` (bias correction alone) -- and each weight granularity
+only), ``bc``/``bcw`` (bias correction alone) and any of them with ``ada`` (AdaRound, before bias correction,
+``--ada-iterations`` per layer) -- and each weight granularity
 (per-channel, per-tensor) and calibration method (the core's streaming observers: minmax, entropy,
 percentile), the activation ranges are calibrated on the variant itself and handed to
 ``onnxruntime.quantization.quantize_static`` as its calibration cache (QDQ, u8 asymmetric activations, s8
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--variants", default="original,bcw,cle+bcw")
     ap.add_argument("--granularity", default="per_channel,per_tensor")
     ap.add_argument("--headroom", type=float, default=2.0, help="CLE clip headroom (see cross_layer_equalization)")
+    ap.add_argument("--ada-iterations", type=int, default=1000, help="AdaRound steps per layer (variants with ada)")
     args = ap.parse_args()
 
     import efficientnet
@@ -95,7 +97,8 @@ def main() -> None:
     from qdeploy import transforms as T
     from qdeploy.calibration import collect_ranges, open_data
     from qdeploy.model import load_model
-    from qdeploy.spec import ActivationSpec, CalibrationSpec, PerTensor, QuantSpec, TransformsSpec, WeightSpec
+    from qdeploy.spec import (ActivationSpec, AdaRoundSpec, CalibrationSpec, PerTensor, QuantSpec, TransformsSpec,
+                              WeightSpec)
 
     cache = ROOT / "build" / "bench_ptq"
     cache.mkdir(parents=True, exist_ok=True)
@@ -121,14 +124,15 @@ def main() -> None:
         variants: dict[tuple[str, str], tuple[Path, list[dict[str, Any]], float]] = {}
         for variant in args.variants.split(","):
             for gran in grans:
-                if "bc" not in variant and gran != grans[0]:  # no bias correction: one model for both
+                if not {"bc", "bcw", "ada"} & set(variant.split("+")) and gran != grans[0]:  # one model for both
                     variants[(variant, gran)] = variants[(variant, grans[0])]
                     continue
                 t1 = time.time()
                 ws = WeightSpec(granularity=PerTensor()) if gran == "per_tensor" else WeightSpec()
                 parts = variant.split("+")
                 tspec = TransformsSpec(cross_layer_equalization="cle" in parts,
-                                       bias_correction="empirical" if {"bc", "bcw"} & set(parts) else False)
+                                       bias_correction="empirical" if {"bc", "bcw"} & set(parts) else False,
+                                       adaround=AdaRoundSpec(args.ada_iterations) if "ada" in parts else False)
                 spec = QuantSpec(weights=ws, activations=ActivationSpec(mode="static"), transforms=tspec)
                 model, events = T.transform_model(original, spec, calib_feeds, max_samples=args.bc_samples,
                                                   clip_headroom=args.headroom, simulate_activations="bc" in parts)

@@ -32,7 +32,7 @@ import numpy as np
 
 from .backend import ORT_SIMULATION_DISABLED_OPTIMIZERS
 from .errors import QDeployError
-from .spec import PerChannel, PerTensor, QuantSpec, WeightSpec
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, WeightSpec
 
 Feed = Mapping[str, np.ndarray]
 Feeds = Union[Sequence[Feed], Callable[[], Iterable[Feed]]]
@@ -906,8 +906,8 @@ def _event(transform: str, changes: list[Change], applied: bool, reason: str) ->
 
 def decide(model: Any, spec: QuantSpec) -> dict[str, tuple[Any, str]]:
     """What :func:`transform_model` does to ``model`` (an ONNX ModelProto, BatchNorm folded or not) under
-    ``spec``, with why: ``cross_layer_equalization`` (bool), ``smoothquant`` (alpha or False) and
-    ``bias_correction`` ("empirical" / "analytic" / False). ``"auto"`` resolves here: CLE when weights are per
+    ``spec``, with why: ``cross_layer_equalization`` (bool), ``smoothquant`` (alpha or False), ``adaround``
+    (iterations or False) and ``bias_correction`` ("empirical" / "analytic" / False). ``"auto"`` resolves here: CLE when weights are per
     tensor or the model has depthwise convs, bias correction (empirical, sequential) on models with a Conv."""
     t = spec.transforms
     quantized = spec.uses_quantized
@@ -931,7 +931,17 @@ def decide(model: Any, spec: QuantSpec) -> dict[str, tuple[Any, str]]:
                       "auto: " + ("convolutional model" if convs else "no Conv layer") + nothing)
     else:
         bc_why = f"bias_correction = {bc if bc else 'false'}"
-    return {"cross_layer_equalization": (cle, cle_why), "smoothquant": (sq_choice, sq_why),
+    ada: Any = False
+    if t.adaround is False:
+        ada_why = "adaround = false"
+    elif not quantized:
+        ada_why = "nothing is quantized"
+    elif spec.weights.bits > 8 or not spec.weights.symmetric or isinstance(spec.weights.granularity, PerGroup):
+        ada_why = "adaround: symmetric per-tensor or per-channel weights of 8 bits or fewer only"
+    else:
+        ada = t.adaround.iterations  # type: ignore[union-attr]
+        ada_why = f"adaround iterations = {ada}"
+    return {"cross_layer_equalization": (cle, cle_why), "smoothquant": (sq_choice, sq_why), "adaround": (ada, ada_why),
             "bias_correction": (bc, bc_why)}
 
 
@@ -940,8 +950,8 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
                     max_samples: int = 128, chunk: int = 16, clip_headroom: float = 2.0,
                     simulate_activations: bool | None = None) -> tuple[Any, list[dict[str, Any]]]:
     """Apply ``spec.transforms`` to an FP32 ONNX ModelProto: BatchNorm folding (always), cross-layer
-    equalization, SmoothQuant, then bias correction (last: it corrects for the quantization of the final
-    weights). Returns the transformed model and one event per transform: ``transform``, ``applied``,
+    equalization, SmoothQuant, AdaRound (:mod:`qdeploy.adaround`), then bias correction (last: it corrects for the
+    quantization of the final weights). Returns the transformed model and one event per transform: ``transform``, ``applied``,
     ``count`` (layers or pairs changed), ``skipped``, ``reason`` (why it ran or not) and the ``changes``.
 
     ``calib``: calibration batches, run ``chunk`` samples at a time; CLE through a Clip takes its channel ranges
@@ -953,9 +963,6 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     activations on the layer inputs (min-max ranges of the model being corrected); default: when the spec's
     activations are static or auto. ``clip_headroom``: see :func:`cross_layer_equalization`."""
     t = spec.transforms
-    if t.adaround is not False:
-        raise QDeployError("transforms.adaround: AdaRound is not implemented in this qdeploy (it needs torch and a "
-                           "per-layer optimisation that is not written yet); set adaround = false")
     events: list[dict[str, Any]] = []
     model, ch = fold_batchnorm(model)
     events.append(_event("fold_batchnorm", ch, True, "always (exact)"))
@@ -983,6 +990,15 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
         events.append(_event("smoothquant", ch, True, why))
     elif alpha is not False:
         events.append(_event("smoothquant", [], False, "no calibration data"))
+
+    iterations, why = chosen["adaround"]
+    if iterations and data:
+        from .adaround import adaround
+
+        model, ch = adaround(model, data, spec.weights, iterations=int(iterations), layers=layers, chunk=chunk)
+        events.append(_event("adaround", ch, True, why))
+    else:
+        events.append(_event("adaround", [], False, why + ("" if data or not iterations else ", no calibration data")))
 
     bc, why = chosen["bias_correction"]
     if bc and data:

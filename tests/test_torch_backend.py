@@ -472,3 +472,65 @@ def test_trials_reuse_one_export_and_one_calibration(digits_data, tmp_path):
             assert torch.equal(convert_pt2e(trial)(x), convert_pt2e(fresh)(x)), keep
     b.release()
     assert not b._CALIBRATED
+
+
+RESIDUAL_MODEL = """
+import torch
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.expand, self.project = torch.nn.Conv2d(8, 16, 1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return x + self.project(torch.relu(self.expand(x)))  # a residual add inside the block
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.Sequential(Block(), Block())
+        self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(torch.relu(self.stem(x))).flatten(1))
+
+
+def build_model():
+    torch.manual_seed(0)
+    return Net().eval()
+"""
+
+
+@pytest.mark.slow
+def test_a_residual_add_is_a_layer_torch_can_keep_float(tmp_path):
+    """Each block's residual add is a tensor layer (``blocks.0/add``) the FX engines quantize and can keep float
+    alone: kept float, it runs as a float add while every weighted layer and the other add stay INT8. The x86
+    engine (PT2E) leaves adds float already and does not offer them."""
+    (tmp_path / "net.py").write_text(RESIDUAL_MODEL)
+    rng = np.random.default_rng(0)
+    for name, n in (("calib", 64), ("val", 32)):
+        np.savez(tmp_path / f"{name}.npz", input=rng.standard_normal((n, 3, 8, 8)).astype(np.float32))
+    spec = {**MINMAX, "budget": {"metric": "cosine", "threshold": 0.5}, "fallback": {"max_trials": 0},
+            "overrides": [{"match": "blocks.1/add", "precision": "fp32"}]}
+    b = qdeploy.deploy(f"{tmp_path / 'net.py'}:build_model", target="x86-avx2", spec=spec, input_shape="1x3x8x8",
+                       calib=tmp_path / "calib.npz", val=tmp_path / "val.npz", backends=["torch:fbgemm"],
+                       output=tmp_path / "b")
+    art = b.manifest["artifacts"][0]
+    lp = art["layer_precisions"]
+    assert lp["blocks.0/add"] == "int8" and lp["blocks.1/add"] == "fp32"
+    assert {n: p for n, p in lp.items() if "/" not in n} == dict.fromkeys(
+        ["stem", "blocks.0.expand", "blocks.0.project", "blocks.1.expand", "blocks.1.project", "fc"], "int8")
+    assert not art.get("moved_layers") and art["metrics"]["cosine"] >= 0.9
+    graph = str(torch.jit.load(str(b.path / art["path"])).inlined_graph)
+    assert graph.count("quantized::add(") == 1 and graph.count("aten::add(") >= 1
+    x86 = get_registry().profile("x86-avx512-vnni")
+    from qdeploy_torch import TorchBackend
+    from qdeploy.model import load_model
+    from qdeploy.spec import load_spec
+
+    handle = load_model(f"{tmp_path / 'net.py'}:build_model", tmp_path / "ref.onnx", "1x3x8x8")
+    entry = next(t for t in x86.backends if t.backend == "torch")
+    assert TorchBackend().quantized_tensors(handle, load_spec(MINMAX), entry) == []

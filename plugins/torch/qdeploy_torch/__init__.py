@@ -104,6 +104,22 @@ class TorchBackend(Backend):
                          f"{2 ** spec.weights.bits} levels): same speed and size as INT8")
         return notes
 
+    def quantized_tensors(self, model: Any, spec: Any, target: Any) -> list[str]:
+        """Static INT8 on the FX engines (fbgemm, onednn, qnnpack) quantizes every add (``quantized::add``); one
+        inside the model's own modules (named ``module/add``, ``#k`` for the k-th in that forward, by the layer
+        map) can stay float alone through FX's per-call qconfig. The x86 engine (PT2E) quantizes no standalone add:
+        ``torch.export`` leaves adds without the source partition ``X86InductorQuantizer`` matches its
+        convolution + add fusion by, so they run in float already."""
+        from .quantize import PT2E_ENGINES, is_prequantized
+
+        if spec.activations.mode != "static" or spec.precision != "int8" or model.torch_module is None \
+                or target.option("device", "cpu") != "cpu" or target.option("engine", "x86") in PT2E_ENGINES \
+                or is_prequantized(model.torch_module):
+            return []
+        modules = dict(model.torch_module.named_modules())
+        return [n for n, l in model.layers.items() if l.kind == "tensor" and l.op_type == "Add" and "/" in n
+                and n.rpartition("/")[0] in modules]
+
     # --- the four steps ----------------------------------------------------------------------------------
     def translate(self, model: Any, spec: Any, target: Any, layer_precisions: dict[str, str]) -> Plan:
         from .quantize import is_prequantized, module_names, torch_layer
@@ -128,7 +144,8 @@ class TorchBackend(Backend):
         if device == "cuda" and "int8" in used:
             raise BackendError("INT8 on CUDA is not a torch backend path (use tensorrt)", "PRECISION_UNSUPPORTED")
         modules = module_names(model.torch_module)
-        odd = [n for n, p in lp.items() if p != "int8" and "int8" in used and torch_layer(n, modules) is None]
+        odd = [n for n, p in lp.items() if p != "int8" and "int8" in used and torch_layer(n, modules) is None
+               and model.layers[n].kind != "tensor"]  # tensor layers: only those quantized_tensors named
         if odd:
             raise BackendError(f"layer(s) {odd} have no PyTorch module path, so they cannot be kept out of "
                                f"quantization one by one", "OP_UNSUPPORTED")

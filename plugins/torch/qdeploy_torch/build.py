@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,15 @@ def build(plan: Plan, workdir: Path) -> Artifact:
 
 
 def _split(plan: Plan) -> tuple[dict[str, str], dict[str, str]]:
-    """(module path -> fp16/bf16 for 16-bit layers, module path -> precision for every non-int8 layer)."""
+    """(module path -> fp16/bf16 for 16-bit layers, module path -> precision for every non-int8 layer; a tensor
+    layer, an add, by its layer name)."""
     modules = q.module_names(plan.model.torch_module)
     floats, keep = {}, {}
     for name, prec in plan.layer_precisions.items():
+        if plan.model.layers[name].kind == "tensor":
+            if prec != "int8":
+                keep[name] = prec
+            continue
         path = q.torch_layer(name, modules)
         if path is None or prec == "int8":
             continue
@@ -135,6 +141,11 @@ def _quantizer(plan: Plan, keep: dict[str, str]) -> Any:
     for path in keep:
         quantizer.set_module_name_qconfig(path, None)
     return quantizer
+
+
+def _tensor_layers(plan: Plan, keep: dict[str, str]) -> set[str]:
+    """The tensor layers (adds) among ``keep``'s names; the rest are module paths."""
+    return {n for n in keep if (layer := plan.model.layers.get(n)) is not None and layer.kind == "tensor"}
 
 
 def _calibrate(plan: Plan, prepared: torch.fx.GraphModule, example: tuple) -> int:
@@ -229,8 +240,15 @@ def _fx(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -> t
     floats, keep = _split(plan)
     model = q.with_float_layers(module, floats) if floats else copy.deepcopy(module)
     qmap = QConfigMapping().set_global(q.fx_qconfig(plan.spec, plan.target))
+    adds = _tensor_layers(plan, keep)
     for path in keep:
-        qmap.set_module_name(path, None)
+        if path not in adds:
+            qmap.set_module_name(path, None)
+    for name in adds:  # the k-th add of the module's forward ("module/add#k")
+        module, _, rest = name.rpartition("/")
+        k = int(rest.partition("#")[2] or 1)
+        for op in (operator.add, torch.add):
+            qmap.set_module_name_object_type_order(module, op, k - 1, None)
     folded = q.fold_functional_batchnorm(model.eval())  # model is this build's own copy
     try:
         prepared = prepare_fx(model, qmap, example)
