@@ -90,6 +90,10 @@ def main() -> None:
     ap.add_argument("--headroom", type=float, default=2.0, help="CLE clip headroom (see cross_layer_equalization)")
     ap.add_argument("--ada-iterations", type=int, default=1000, help="AdaRound steps per layer (variants with ada)")
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("qdeploy.adaround").setLevel(logging.DEBUG)  # one line per layer: AdaRound is the slow part
 
     import efficientnet
     import onnx

@@ -16,6 +16,8 @@ calibration samples, a Gemm/MatMul's rows; the optimisation runs in torch (impor
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 from .errors import QDeployError
 from .spec import PerChannel, PerGroup, WeightSpec
 
+log = logging.getLogger("qdeploy.adaround")
 ZETA, GAMMA = 1.1, -0.1
 """The rectified sigmoid's stretch: h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)."""
 REG_WEIGHT = 0.01
@@ -112,12 +115,16 @@ def _optimise(torch: Any, x: np.ndarray, wm: np.ndarray, sm: np.ndarray, qmin: i
     V = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
     opt = torch.optim.Adam([V], lr=LR)
     warm = int(iterations * WARMUP)
+    depthwise = W.shape[1] == 1 and groups > 1
     for it in range(iterations):
         idx = torch.randint(0, len(X), (min(BATCH, len(X)),), generator=gen)
         xb = X[idx]
         h = (torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
         wq = S * (base + h).clamp(qmin, qmax)
-        err = torch.einsum("bgk,gok->bgo", xb, wq - W)
+        if depthwise:  # one output per group: an elementwise product, not thousands of one-column matmuls
+            err = (xb * (wq - W)[:, 0]).sum(-1)
+        else:
+            err = torch.einsum("bgk,gok->bgo", xb, wq - W)
         loss = err.pow(2).mean()
         if it >= warm:
             beta = 2 + (20 - 2) * (1 - (it - warm) / max(iterations - warm, 1))
@@ -183,7 +190,10 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
         wm, sm = _layer_matrix(w, node, groups), _layer_matrix(s, node, groups)
         if wm.shape[2] * groups != x.shape[1]:
             continue  # a layout this sampling does not cover
+        start = time.perf_counter()
         q = _optimise(torch, x, wm, sm, qmin, qmax, groups, iterations, seed + k)
+        log.debug("adaround %s (%d/%d): %d x %d weights, %.1f s", _name_of(node), k + 1, len(targets),
+                  wm.shape[0] * wm.shape[1], wm.shape[2], time.perf_counter() - start)
         q = _back(q, w, node)
         nearest = np.clip(np.round(w / s), qmin, qmax)
         keep = _scale_setters(w, axis, weights)  # these set the scale: their rounding stays nearest

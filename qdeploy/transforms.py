@@ -304,10 +304,10 @@ def _session(model: Any, outputs: Collection[str], given: Mapping[str, np.ndarra
                                 disabled_optimizers=list(ORT_SIMULATION_DISABLED_OPTIMIZERS))
 
 
-def _reduce(calib: Feeds, model: Any, tensors: Mapping[str, int], chunk: int,
+def _reduce(calib: Feeds, model: Any, tensors: Mapping[str, int | None], chunk: int,
             want: tuple[str, ...] = ("sum", "min", "max")) -> dict[str, dict[str, Any]]:
-    """Per-channel statistics of ``tensors`` (name -> channel axis, -1 for the last) over the calibration
-    data: ``sum`` (with ``count``), ``min``, ``max`` (arrays of one value per channel)."""
+    """Per-channel statistics of ``tensors`` (name -> channel axis, -1 for the last, None for the whole tensor)
+    over the calibration data: ``sum`` (with ``count``), ``min``, ``max`` (arrays of one value per channel)."""
     names = list(tensors)
     sess = _session(model, names)
     inputs = {i.name for i in sess.get_inputs()}
@@ -316,7 +316,9 @@ def _reduce(calib: Feeds, model: Any, tensors: Mapping[str, int], chunk: int,
         outs = sess.run(names, {k: v for k, v in feed.items() if k in inputs})
         for t, y in zip(names, outs):
             y = np.asarray(y, np.float64)
-            axis = tensors[t] % y.ndim if y.ndim else 0
+            if tensors[t] is None:  # the whole tensor: one value (never the batch axis: chunks differ in size)
+                y = y.reshape(1, -1)
+            axis = tensors[t] % y.ndim if y.ndim and tensors[t] is not None else 0
             red = tuple(i for i in range(y.ndim) if i != axis)
             s = stats.setdefault(t, {"count": 0})
             s["count"] += y.size // max(y.shape[axis], 1) if y.ndim else 1
@@ -327,7 +329,7 @@ def _reduce(calib: Feeds, model: Any, tensors: Mapping[str, int], chunk: int,
     return stats
 
 
-def channel_ranges(model: Any, calib: Feeds, tensors: Mapping[str, int], chunk: int = 16
+def channel_ranges(model: Any, calib: Feeds, tensors: Mapping[str, int | None], chunk: int = 16
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel ``(min, max)`` of ``tensors`` (name -> channel axis) of the FP32 ``model`` on ``calib``."""
     st = _reduce(calib, model, tensors, chunk, ("min", "max"))
@@ -337,7 +339,7 @@ def channel_ranges(model: Any, calib: Feeds, tensors: Mapping[str, int], chunk: 
 def tensor_ranges(model: Any, calib: Feeds, tensors: Iterable[str], chunk: int = 16) -> dict[str, tuple[float, float]]:
     """Per-tensor min-max ``(lo, hi)`` of ``tensors`` of the FP32 ``model`` on ``calib``."""
     return {t: (float(lo.min()), float(hi.max()))
-            for t, (lo, hi) in channel_ranges(model, calib, {t: 0 for t in tensors}, chunk).items()}
+            for t, (lo, hi) in channel_ranges(model, calib, dict.fromkeys(tensors), chunk).items()}
 
 
 # --- batch-norm folding --------------------------------------------------------------------------------------

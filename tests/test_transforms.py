@@ -413,3 +413,9 @@ def test_smoothquant_folds_into_a_written_out_layernorm_affine():
     assert ch["producer"] == "Mul+Add" and len(out.graph.node) == 3
     assert ch["outlier_ratio_after"] < ch["outlier_ratio_before"] / 4
     assert _rel(_run(out, feed), _run(m, feed)) < 1e-5
+
+
+def test_tensor_ranges_do_not_depend_on_the_chunk():
+    """Per-tensor ranges over chunks of unequal size (5 samples in chunks of 3: 3 + 2) are those of one pass."""
+    m, feed = reference_model(), _images(n=5)
+    assert T.tensor_ranges(m, [feed], ["x", "r1"], chunk=3) == T.tensor_ranges(m, [feed], ["x", "r1"], chunk=5)
