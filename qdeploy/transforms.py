@@ -32,7 +32,7 @@ import numpy as np
 
 from .backend import ORT_SIMULATION_DISABLED_OPTIMIZERS
 from .errors import QDeployError
-from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, WeightSpec
+from .spec import AdaRoundSpec, PerChannel, PerGroup, PerTensor, QuantSpec, WeightSpec
 
 Feed = Mapping[str, np.ndarray]
 Feeds = Union[Sequence[Feed], Callable[[], Iterable[Feed]]]
@@ -940,6 +940,17 @@ def decide(model: Any, spec: QuantSpec) -> dict[str, tuple[Any, str]]:
         ada_why = "nothing is quantized"
     elif spec.weights.bits > 8 or not spec.weights.symmetric or isinstance(spec.weights.granularity, PerGroup):
         ada_why = "adaround: symmetric per-tensor or per-channel weights of 8 bits or fewer only"
+    elif t.adaround == "auto":
+        import importlib.util
+
+        per_tensor = isinstance(spec.weights.granularity, PerTensor)
+        convs = any(n.op_type == "Conv" for n in model.graph.node)
+        torch = importlib.util.find_spec("torch") is not None
+        if per_tensor and convs and torch:
+            ada, ada_why = AdaRoundSpec().iterations, "auto: per-tensor weights of a convolutional model"
+        else:
+            ada_why = "auto: " + ("per-channel weights" if not per_tensor else "no Conv layer" if not convs else
+                                  "PyTorch is not installed (it runs AdaRound)")
     else:
         ada = t.adaround.iterations  # type: ignore[union-attr]
         ada_why = f"adaround iterations = {ada}"
@@ -960,7 +971,8 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     from all of them, bias correction and SmoothQuant use the first ``max_samples``. ``ranges`` (tensor -> (lo, hi) of the original
     FP32 model) bound CLE's scales through a Clip when no ``calib`` is given. ``layers``: the node names that will
     be quantized (default all). "auto": CLE runs when weights are per-tensor or the model has depthwise convs;
-    bias correction (empirical, sequential) runs on models with a Conv layer. Nothing runs but BN folding when
+    AdaRound when weights are per-tensor on a model with a Conv layer and PyTorch is installed; bias correction
+    (empirical, sequential) runs on models with a Conv layer. Nothing runs but BN folding when
     the spec quantizes nothing. ``simulate_activations``: sequential bias correction also simulates 8-bit
     activations on the layer inputs (min-max ranges of the model being corrected); default: when the spec's
     activations are static or auto. ``clip_headroom``: see :func:`cross_layer_equalization`."""
