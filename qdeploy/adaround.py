@@ -142,7 +142,7 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
     """A copy of the FP32 ONNX ``model`` whose weighted layers (all, or the node names in ``layers``) hold
     AdaRound-rounded weights (dequantized onto the spec's symmetric grid), learned on ``calib`` (a list of feeds),
     and the changes (one per layer: its name and the fraction of weights rounded away from nearest)."""
-    from .transforms import Change, _chunks, _copy, _Graph, _layers, _quant_axis, _session, _weight
+    from .transforms import Change, _attr, _chunks, _copy, _Graph, _layers, _quant_axis, _session, _weight
 
     torch = _torch()
     if weights.bits > 8 or isinstance(weights.granularity, PerGroup) or not weights.symmetric:
@@ -152,7 +152,8 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
     targets = []
     for node in _layers(g, layers):
         w = _weight(g, node)
-        if w is None or (node.op_type == "Conv" and w.ndim != 4) or (node.op_type != "Conv" and w.ndim != 2):
+        if w is None or (node.op_type == "Conv" and w.ndim != 4) or (node.op_type != "Conv" and w.ndim != 2) \
+                or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
             continue
         targets.append(node)
     if not targets:
@@ -167,17 +168,18 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
     for feed in chunks:
         outs = dict(zip(inputs, sess.run(inputs, {k: v for k, v in feed.items() if k in feed_names})))
         for node in targets:
+            if node.output[0] not in rows:
+                continue
             x = outs[node.input[0]]
             try:
                 rows[node.output[0]].append(_patches(x, node, _weight(g, node).shape[2:], rng, per_chunk)
                                             if node.op_type == "Conv" else _rows(x, rng, per_chunk))
-            except (ValueError, IndexError):
-                rows[node.output[0]] = []
+            except (ValueError, IndexError):  # auto_pad, a layout the sampling does not cover: left as it is
+                del rows[node.output[0]]
         del outs
     changes: list[Change] = []
-    torch.set_grad_enabled(True)
     for k, node in enumerate(targets):
-        if not rows[node.output[0]]:
+        if not rows.get(node.output[0]):
             continue
         x = np.concatenate(rows.pop(node.output[0]))
         w = _weight(g, node).astype(np.float64)
@@ -191,7 +193,8 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
         if wm.shape[2] * groups != x.shape[1]:
             continue  # a layout this sampling does not cover
         start = time.perf_counter()
-        q = _optimise(torch, x, wm, sm, qmin, qmax, groups, iterations, seed + k)
+        with torch.enable_grad():
+            q = _optimise(torch, x, wm, sm, qmin, qmax, groups, iterations, seed + k)
         log.debug("adaround %s (%d/%d): %d x %d weights, %.1f s", _name_of(node), k + 1, len(targets),
                   wm.shape[0] * wm.shape[1], wm.shape[2], time.perf_counter() - start)
         q = _back(q, w, node)
