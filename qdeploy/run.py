@@ -33,6 +33,9 @@ from .verify import Reference, side_by_side, verify_artifact
 Echo = Callable[[str], None]
 TRANSFORM_SAMPLES = 32
 """Calibration samples the accuracy transforms (bias correction, SmoothQuant) are computed from."""
+TECHNIQUE_ORDER = ("cross_layer_equalization", "smoothquant", "bias_correction", "adaround")
+"""The order "auto" tries the accuracy transforms in after a plain build misses: each on top of those kept so far
+(the transforms themselves always run CLE, SmoothQuant, AdaRound, then bias correction)."""
 Progress = Callable[[str, int, int], None]
 
 
@@ -313,9 +316,10 @@ class FallbackRun:
 
     # ------------------------------------------------------------------ techniques before precision
     def _techniques_first(self) -> list[Trial] | None:
-        """Accuracy transforms before any precision is spent: with a transform set explicitly, the first build is
-        of the transformed reference; with ``auto``, a plain build that misses the budget is followed by a build
-        of the transformed reference, kept only if it verifies better (an event with both values). Returns the
+        """Accuracy transforms before any precision is spent. With a transform set explicitly, the first build is
+        of the transformed reference. With ``auto``, a plain build that misses the budget is followed by one build
+        per technique, in :data:`TECHNIQUE_ORDER`, each on top of those kept so far and kept only if it verifies
+        better (an event each, with the metric before and after), until one meets the budget. Returns the
         verifications made here (None: the search makes the first)."""
         mode = transforms_mode(self.spec, self.ctx.model)
         if mode == "off":
@@ -326,44 +330,80 @@ class FallbackRun:
                               f"module, not the ONNX reference")
             self.transforms = {"applied": False, "reason": "the backend builds from the PyTorch module"}
             return None
-        trials: list[Trial] = []
-        if mode == "auto":
-            if self.strict or self.spec.fallback.max_trials < 1:  # a fallback step: not under strict or 0 trials
-                return None
-            plain = self.build_and_verify(dict(self.layer_prec), 0)
-            trials.append(plain)
-            if plain.budget.passed:
-                self.transforms = {"applied": False, "reason": "auto: the plain build met the budget"}
-                return trials
-        handle, events = self._transformed()
-        if handle is None:
-            self.transforms = {"applied": False, "reason": "no transform changed the model", "events": events}
-            return trials or None
-        plain_model, plain_ranges = self.model, self.ranges
-        self.model, self.ranges = handle, self.ctx.ranges_for(self.spec, handle)
-        done = [e["transform"] for e in events if e.get("applied")]
-        trial = self.build_and_verify(dict(self.layer_prec), len(trials))
-        trials.append(trial)
-        self.transforms = {"applied": True, "mode": mode, "events": events, "trial": len(trials) - 1}
         if mode == "on":
+            handle, events = self._transformed(self.spec)
+            if handle is None:
+                self.transforms = {"applied": False, "reason": "no transform changed the model", "events": events}
+                return None
+            self.model, self.ranges = handle, self.ctx.ranges_for(self.spec, handle)
+            trial = self.build_and_verify(dict(self.layer_prec), 0)
+            done = [e["transform"] for e in events if e.get("applied")]
+            self.transforms = {"applied": True, "mode": mode, "events": events, "trial": 0}
             self.ctx.echo(f"{self.label}: accuracy transforms ({', '.join(done)}) applied to the reference before "
                           f"building: {trial.budget.describe()}")
+            return [trial]
+        if self.strict or self.spec.fallback.max_trials < 1:  # a fallback step: not under strict or 0 trials
+            return None
+        plain = self.build_and_verify(dict(self.layer_prec), 0)
+        trials = [plain]
+        if plain.budget.passed:
+            self.transforms = {"applied": False, "reason": "auto: the plain build met the budget"}
             return trials
-        before, after = trials[0].budget, trial.budget
-        higher = after.value >= before.value if _higher_is_better(after.metric) else after.value <= before.value
-        kept = higher and after.value != before.value
-        if not kept:
-            self.model, self.ranges = plain_model, plain_ranges
-        self.transforms["kept"] = kept
-        self.ctx.events.emit("ACCURACY_BELOW_BUDGET", self.label,
-                             f"{before.describe()}; techniques before precision: {', '.join(done)} -> "
-                             f"{after.metric} {after.value:.4f} ({'kept' if kept else 'undone: it did not help'})",
-                             action="transform", transforms=done, metric=after.metric, before=before.value,
-                             value=after.value, budget=after.budget, kept=kept, trial=len(trials) - 1)
+        import onnx
+
+        from .transforms import decide
+
+        chosen = decide(onnx.load(str(self.ctx.model.onnx_path), load_external_data=False), self.spec)
+        steps = [t for t in TECHNIQUE_ORDER if chosen[t][0]]
+        kept: list[str] = []
+        best, tried, kept_events = plain, [], []
+        for technique in steps:
+            if len(trials) > self.spec.fallback.max_trials:
+                break
+            spec = self._only(kept + [technique])
+            handle, events = self._transformed(spec)
+            if handle is None:
+                continue
+            before_model, before_ranges = self.model, self.ranges
+            self.model, self.ranges = handle, self.ctx.ranges_for(spec, handle)
+            trial = self.build_and_verify(dict(self.layer_prec), len(trials))
+            trials.append(trial)
+            before, after = best.budget, trial.budget
+            better = after.value > before.value if _higher_is_better(after.metric) else after.value < before.value
+            base = list(kept)
+            tried.append({"technique": technique, "on_top_of": base, "trial": len(trials) - 1,
+                          "before": before.value, "value": after.value, "kept": better})
+            if better:
+                kept.append(technique)
+                best, kept_events = trial, events
+            else:
+                self.model, self.ranges = before_model, before_ranges
+            on_top = f" on top of {', '.join(base)}" if base else ""
+            self.ctx.events.emit("ACCURACY_BELOW_BUDGET", self.label,
+                                 f"{before.describe()}; technique before precision: {technique}{on_top} -> "
+                                 f"{after.metric} {after.value:.4f} ({'kept' if better else 'undone: it did not help'})",
+                                 action="transform", transforms=base + [technique], technique=technique,
+                                 metric=after.metric, before=before.value, value=after.value, budget=after.budget,
+                                 kept=better, trial=len(trials) - 1)
+            if best.budget.passed:
+                break
+        self.transforms = {"applied": bool(kept), "mode": mode, "kept": bool(kept), "techniques": kept,
+                           "steps": tried, "events": kept_events,
+                           "reason": "auto: " + (f"kept {', '.join(kept)}" if kept else
+                                                 "no technique verified better" if tried else
+                                                 "no technique changed the model")}
         return trials
 
-    def _transformed(self) -> tuple[ModelHandle | None, list[dict[str, Any]]]:
-        """The reference with the spec's transforms applied, as a handle with the same layer map (None when no
+    def _only(self, techniques: list[str]) -> QuantSpec:
+        """The spec with only ``techniques`` of the transforms on (as "auto" resolved them), the rest off."""
+        t = self.spec.transforms
+        import dataclasses
+
+        return self.spec.replace(transforms=dataclasses.replace(
+            t, **{name: (getattr(t, name) if name in techniques else False) for name in TECHNIQUE_ORDER}))
+
+    def _transformed(self, spec: QuantSpec) -> tuple[ModelHandle | None, list[dict[str, Any]]]:
+        """The reference with ``spec``'s transforms applied, as a handle with the same layer map (None when no
         transform changed anything), and the transforms' events."""
         import dataclasses
 
@@ -379,13 +419,14 @@ class FallbackRun:
         start = time.perf_counter()
         # 32 samples: bias correction estimates a mean per output channel over every spatial position of each
         # sample (plenty), and its cached intermediates scale with the samples (128 took 4.6 GB on EfficientNet)
-        proto, events = transform_model(onnx.load(str(ctx.model.onnx_path)), self.spec, feeds, layers=layers,
+        proto, events = transform_model(onnx.load(str(ctx.model.onnx_path)), spec, feeds, layers=layers,
                                         max_samples=TRANSFORM_SAMPLES)
         applied = [e for e in events if e.get("applied") and e.get("count") and e["transform"] != "fold_batchnorm"]
         summary = [{k: v for k, v in e.items() if k != "changes"} for e in events]
         if not applied:
             return None, summary
-        path = ctx.work / f"{self.label.replace(':', '-')}-transformed.onnx"
+        tag = "-".join(e["transform"] for e in applied)
+        path = ctx.work / f"{self.label.replace(':', '-')}-{tag}.onnx"
         onnx.save(proto, str(path))
         ctx.echo(f"{self.label}: accuracy transforms on the reference: "
                  + ", ".join(f"{e['transform']} ({e['count']} layers)" for e in applied)

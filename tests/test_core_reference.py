@@ -3,6 +3,8 @@ fake quantization) carries the fallback run, the accuracy transforms, the polici
 need no plugin installed."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 import qdeploy
@@ -14,7 +16,7 @@ from conftest import ROOT
 SENSITIVE = f"{ROOT / 'examples' / 'digits.py'}:build_sensitive_model"
 THRESHOLD = 0.99
 TIGHT = {"weights": {"granularity": "per_tensor"}, "budget": {"metric": "top1_agreement", "threshold": THRESHOLD},
-         "transforms": {"cross_layer_equalization": False, "bias_correction": False}}
+         "transforms": {"cross_layer_equalization": False, "bias_correction": False, "adaround": False}}
 
 
 @pytest.fixture(autouse=True)
@@ -85,11 +87,13 @@ def test_check_says_which_transforms_a_deploy_would_apply():
     assert t["transforms"]["cross_layer_equalization"] == {"apply": True, "why": "auto: per-tensor weights"}
     assert t["transforms"]["bias_correction"]["apply"] == "empirical"
     assert t["transforms"]["smoothquant"]["apply"] is False
+    torch_here = importlib.util.find_spec("torch") is not None  # AdaRound runs in PyTorch
+    assert t["transforms"]["adaround"]["apply"] is torch_here, t["transforms"]["adaround"]
     (entry,) = qdeploy.check(SENSITIVE, target="reference", input_shape="1x1x8x8")["entries"]
     assert entry["transforms"]["transforms"]["cross_layer_equalization"]["apply"] is False  # per channel, no dw
     explicit = {"transforms": {"cross_layer_equalization": True, "bias_correction": False}}
     (entry,) = qdeploy.check(SENSITIVE, target="reference", spec=explicit, input_shape="1x1x8x8")["entries"]
     assert entry["transforms"]["mode"] == "on" and "before the first build" in entry["transforms"]["reason"]
-    off = {"transforms": {"cross_layer_equalization": False, "bias_correction": False}}
+    off = {"transforms": {"cross_layer_equalization": False, "bias_correction": False, "adaround": False}}
     (entry,) = qdeploy.check(SENSITIVE, target="reference", spec=off, input_shape="1x1x8x8")["entries"]
     assert entry["transforms"]["mode"] == "off"

@@ -22,7 +22,7 @@ THRESHOLD = 0.99
 # the promotion tests switch the accuracy transforms off: with them (the default, "auto") CLE and bias correction
 # recover the outlier channel before any layer is promoted (tested below)
 TIGHT = {"weights": {"granularity": "per_tensor"}, "budget": {"metric": "top1_agreement", "threshold": THRESHOLD},
-         "transforms": {"cross_layer_equalization": False, "bias_correction": False}}
+         "transforms": {"cross_layer_equalization": False, "bias_correction": False, "adaround": False}}
 
 
 @pytest.fixture(scope="module")

@@ -449,7 +449,7 @@ def test_fp8_on_the_ladder_is_taken_where_it_helps(digits_data, tmp_path):
 
     spec = {"weights": {"granularity": "per_tensor"}, "activations": {"symmetric": True},
             "budget": {"metric": "top1_agreement", "threshold": 0.99}, "fallback": LADDER_FP8,
-            "transforms": {"cross_layer_equalization": False, "bias_correction": False}}  # precision alone here
+            "transforms": {"cross_layer_equalization": False, "bias_correction": False, "adaround": False}}  # precision alone here
     b = deploy(f"{ROOT / 'examples' / 'digits.py'}:build_sensitive_model", target="nvidia-h100", spec=spec,
                calib=digits_data / "calib.npz", val=digits_data / "val.npz", output=tmp_path / "b",
                input_shape="1x1x8x8", backends=["tensorrt"])
@@ -473,7 +473,7 @@ def test_fp8_on_the_ladder_is_skipped_where_it_would_hurt(digits_data, tmp_path)
 
     spec = {"activations": {"symmetric": True}, "budget": {"metric": "cosine", "threshold": 0.99999},
             "fallback": {**LADDER_FP8, "max_trials": 1},
-            "transforms": {"cross_layer_equalization": False, "bias_correction": False}}
+            "transforms": {"cross_layer_equalization": False, "bias_correction": False, "adaround": False}}
     b = deploy(f"{ROOT / 'examples' / 'digits.py'}:build_model", target="nvidia-h100", spec=spec,
                calib=digits_data / "calib.npz", val=digits_data / "val.npz", output=tmp_path / "b",
                input_shape="1x1x8x8", backends=["tensorrt"])
