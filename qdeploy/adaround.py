@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -137,7 +137,7 @@ def _optimise(torch: Any, x: np.ndarray, wm: np.ndarray, sm: np.ndarray, qmin: i
         return (base + up.to(base.dtype)).clamp(qmin, qmax).numpy().astype(np.float64)
 
 
-def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: WeightSpec, *, iterations: int = 1000,
+def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: WeightSpec, *, iterations: int = 1000,
              layers: Collection[str] | None = None, chunk: int = 16, seed: int = 0) -> tuple[Any, list[Any]]:
     """A copy of the FP32 ONNX ``model`` whose weighted layers (all, or the node names in ``layers``) hold
     AdaRound-rounded weights (dequantized onto the spec's symmetric grid), learned on ``calib`` (a list of feeds),
@@ -149,13 +149,14 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
         return _copy(model), []
     model = _copy(model)
     g = _Graph(model)
-    targets = []
+    targets, kernels = [], {}
     for node in _layers(g, layers):
         w = _weight(g, node)
         if w is None or (node.op_type == "Conv" and w.ndim != 4) or (node.op_type != "Conv" and w.ndim != 2) \
                 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
             continue
         targets.append(node)
+        kernels[node.output[0]] = tuple(w.shape[2:])
     if not targets:
         return model, []
     rng = np.random.default_rng(seed)
@@ -172,7 +173,7 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
                 continue
             x = outs[node.input[0]]
             try:
-                rows[node.output[0]].append(_patches(x, node, _weight(g, node).shape[2:], rng, per_chunk)
+                rows[node.output[0]].append(_patches(x, node, kernels[node.output[0]], rng, per_chunk)
                                             if node.op_type == "Conv" else _rows(x, rng, per_chunk))
             except (ValueError, IndexError):  # auto_pad, a layout the sampling does not cover: left as it is
                 del rows[node.output[0]]
@@ -182,7 +183,9 @@ def adaround(model: Any, calib: Iterable[Mapping[str, np.ndarray]], weights: Wei
         if not rows.get(node.output[0]):
             continue
         x = np.concatenate(rows.pop(node.output[0]))
-        w = _weight(g, node).astype(np.float64)
+        w0 = _weight(g, node)
+        assert w0 is not None  # a target has a constant weight
+        w = w0.astype(np.float64)
         axis = _quant_axis(node, weights)
         s, qmin, qmax = _grid(w, weights, axis)
         # a Conv's groups from its input channels (a depthwise Conv may lack the ``group`` attribute)

@@ -245,10 +245,10 @@ def _fx(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -> t
         if path not in adds:
             qmap.set_module_name(path, None)
     for name in adds:  # the k-th add of the module's forward ("module/add#k")
-        module, _, rest = name.rpartition("/")
+        scope, _, rest = name.rpartition("/")
         k = int(rest.partition("#")[2] or 1)
         for op in (operator.add, torch.add):
-            qmap.set_module_name_object_type_order(module, op, k - 1, None)
+            qmap.set_module_name_object_type_order(scope, op, k - 1, None)
     folded = q.fold_functional_batchnorm(model.eval())  # model is this build's own copy
     try:
         prepared = prepare_fx(model, qmap, example)
