@@ -72,7 +72,8 @@ def transforms_preview(spec: QuantSpec, model: ModelHandle, caps: Capabilities) 
 
     chosen = decide(onnx.load(str(model.onnx_path), load_external_data=False), spec)
     when = ("applied to the reference before the first build" if mode == "on" else
-            "tried on the reference after a plain build misses the budget, kept only if it verifies better")
+            "tried on the reference one at a time (CLE, bias correction, AdaRound) after a plain build misses the "
+            "budget, each kept only if it verifies better")
     return {"mode": mode, "reason": when,
             "transforms": {k: {"apply": v if isinstance(v, (str, float)) else bool(v), "why": why}
                            for k, (v, why) in chosen.items()}}
