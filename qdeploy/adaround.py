@@ -64,32 +64,39 @@ def _grid(w: np.ndarray, ws: WeightSpec, axis: int) -> tuple[np.ndarray, int, in
     return np.broadcast_to(s, w.shape).astype(np.float64), qmin, qmax
 
 
-def _patches(x: np.ndarray, node: Any, kernel: tuple[int, ...], rng: np.random.Generator, count: int) -> np.ndarray:
-    """``count`` receptive-field patches (rows of ``C_in * kh * kw``) of a 2-D Conv at random output positions."""
+def _patches(xs: list[np.ndarray], node: Any, kernel: tuple[int, ...], rng: np.random.Generator,
+             count: int) -> list[np.ndarray]:
+    """``count`` receptive-field patches (rows of ``C_in * kh * kw``) of a 2-D Conv at random output positions,
+    the same positions in each array of ``xs`` (the FP32 input, and the quantized model's)."""
     from .transforms import _attr
 
-    n, c = x.shape[:2]
+    n, c = xs[0].shape[:2]
     kh, kw = kernel
     sh, sw = _attr(node, "strides", [1, 1])
     dh, dw = _attr(node, "dilations", [1, 1])
     pads = _attr(node, "pads", [0, 0, 0, 0])
     if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise ValueError("auto_pad")
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    h, w = xs[0].shape[2] + pads[0] + pads[2], xs[0].shape[3] + pads[1] + pads[3]
+    oh = (h - dh * (kh - 1) - 1) // sh + 1
+    ow = (w - dw * (kw - 1) - 1) // sw + 1
     b = rng.integers(0, n, count)
     oy, ox = rng.integers(0, oh, count) * sh, rng.integers(0, ow, count) * sw
     iy = oy[:, None] + dh * np.arange(kh)[None, :]  # count x kh
     ix = ox[:, None] + dw * np.arange(kw)[None, :]  # count x kw
-    patch = xp[b[:, None, None, None], np.arange(c)[None, :, None, None], iy[:, None, :, None], ix[:, None, None, :]]
-    return patch.reshape(count, c * kh * kw).astype(np.float32)
+    out = []
+    for x in xs:
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        patch = xp[b[:, None, None, None], np.arange(c)[None, :, None, None], iy[:, None, :, None],
+                   ix[:, None, None, :]]
+        out.append(patch.reshape(count, c * kh * kw).astype(np.float32))
+    return out
 
 
-def _rows(x: np.ndarray, rng: np.random.Generator, count: int) -> np.ndarray:
-    """``count`` random rows of a Gemm/MatMul input (every leading axis flattened)."""
-    flat = x.reshape(-1, x.shape[-1])
-    return flat[rng.integers(0, len(flat), count)].astype(np.float32)
+def _rows(xs: list[np.ndarray], rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    """``count`` random rows of a Gemm/MatMul input (every leading axis flattened), the same in each of ``xs``."""
+    idx = rng.integers(0, int(np.prod(xs[0].shape[:-1])), count)
+    return [x.reshape(-1, x.shape[-1])[idx].astype(np.float32) for x in xs]
 
 
 def _layer_matrix(w: np.ndarray, node: Any, groups: int) -> np.ndarray:
@@ -103,29 +110,33 @@ def _layer_matrix(w: np.ndarray, node: Any, groups: int) -> np.ndarray:
     return w.T[None]  # MatMul / Gemm without transB: K x N
 
 
-def _optimise(torch: Any, x: np.ndarray, wm: np.ndarray, sm: np.ndarray, qmin: int, qmax: int, groups: int,
-              iterations: int, seed: int) -> np.ndarray:
-    """The learned integer grid values (``groups x out x K``) of one layer."""
+def _optimise(torch: Any, x: np.ndarray, xq: np.ndarray | None, wm: np.ndarray, sm: np.ndarray, qmin: int,
+              qmax: int, groups: int, iterations: int, seed: int) -> np.ndarray:
+    """The learned integer grid values (``groups x out x K``) of one layer: its FP32 output on the FP32 rows ``x``
+    reconstructed from the rows ``xq`` the quantized model feeds it (``x`` itself when None)."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.from_numpy(x).reshape(len(x), groups, -1)  # rows x groups x K
+    Xq = X if xq is None else torch.from_numpy(xq).reshape(len(xq), groups, -1)
     W = torch.from_numpy(wm.astype(np.float32))
     S = torch.from_numpy(sm.astype(np.float32))
+    depthwise = W.shape[1] == 1 and groups > 1
+
+    def apply(rows: Any, weights: Any) -> Any:  # rows x groups x out
+        if depthwise:  # one output per group: an elementwise product, not thousands of one-column matmuls
+            return (rows * weights[:, 0]).sum(-1, keepdim=True)
+        return torch.einsum("bgk,gok->bgo", rows, weights)
+
+    Y = apply(X, W)
     base = torch.floor(W / S)
     rest = (W / S - base).clamp(1e-4, 1 - 1e-4)
     V = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
     opt = torch.optim.Adam([V], lr=LR)
     warm = int(iterations * WARMUP)
-    depthwise = W.shape[1] == 1 and groups > 1
     for it in range(iterations):
         idx = torch.randint(0, len(X), (min(BATCH, len(X)),), generator=gen)
-        xb = X[idx]
         h = (torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
         wq = S * (base + h).clamp(qmin, qmax)
-        if depthwise:  # one output per group: an elementwise product, not thousands of one-column matmuls
-            err = (xb * (wq - W)[:, 0]).sum(-1)
-        else:
-            err = torch.einsum("bgk,gok->bgo", xb, wq - W)
-        loss = err.pow(2).mean()
+        loss = (apply(Xq[idx], wq) - Y[idx]).pow(2).mean()
         if it >= warm:
             beta = 2 + (20 - 2) * (1 - (it - warm) / max(iterations - warm, 1))
             loss = loss + REG_WEIGHT * (1 - (2 * h - 1).abs().pow(beta)).sum()
@@ -138,11 +149,19 @@ def _optimise(torch: Any, x: np.ndarray, wm: np.ndarray, sm: np.ndarray, qmin: i
 
 
 def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: WeightSpec, *, iterations: int = 1000,
-             layers: Collection[str] | None = None, chunk: int = 16, seed: int = 0) -> tuple[Any, list[Any]]:
+             layers: Collection[str] | None = None, chunk: int = 16, seed: int = 0,
+             act_ranges: Mapping[str, tuple[float, float]] | None = None,
+             act_symmetric: bool = False) -> tuple[Any, list[Any]]:
     """A copy of the FP32 ONNX ``model`` whose weighted layers (all, or the node names in ``layers``) hold
     AdaRound-rounded weights (dequantized onto the spec's symmetric grid), learned on ``calib`` (a list of feeds),
-    and the changes (one per layer: its name and the fraction of weights rounded away from nearest)."""
-    from .transforms import Change, _attr, _chunks, _copy, _Graph, _layers, _quant_axis, _session, _weight
+    and the changes (one per layer: its name and the fraction of weights rounded away from nearest).
+
+    With ``act_ranges`` (each layer input's range), a layer's rounding reconstructs its FP32 output from the
+    input the quantized model gives it -- the layers above with the roundings already learned, 8-bit activations
+    on every layer input -- so it also absorbs the error of the activations and of the layers above (the paper's
+    asymmetric reconstruction, layer by layer)."""
+    from .transforms import (Change, _attr, _chunks, _copy, _Graph, _layers, _quant_axis, _session, _weight,
+                             simulate_quantized)
 
     torch = _torch()
     if weights.bits > 8 or isinstance(weights.granularity, PerGroup) or not weights.symmetric:
@@ -159,30 +178,43 @@ def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: Wei
         kernels[node.output[0]] = tuple(w.shape[2:])
     if not targets:
         return model, []
-    rng = np.random.default_rng(seed)
     inputs = sorted({n.input[0] for n in targets})
     sess = _session(model, inputs)
     feed_names = {i.name for i in sess.get_inputs()}
     chunks = list(_chunks(calib, chunk))
     per_chunk = max(1, POSITIONS // max(len(chunks), 1))
+
+    def sample(xs: list[np.ndarray], node: Any, k: int, c: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([seed, k, c])  # the same positions for the FP32 and the quantized input
+        return (_patches(xs, node, kernels[node.output[0]], rng, per_chunk) if node.op_type == "Conv"
+                else _rows(xs, rng, per_chunk))
+
     rows: dict[str, list[np.ndarray]] = {n.output[0]: [] for n in targets}
-    for feed in chunks:
+    for c, feed in enumerate(chunks):
         outs = dict(zip(inputs, sess.run(inputs, {k: v for k, v in feed.items() if k in feed_names})))
-        for node in targets:
+        for k, node in enumerate(targets):
             if node.output[0] not in rows:
                 continue
-            x = outs[node.input[0]]
             try:
-                rows[node.output[0]].append(_patches(x, node, kernels[node.output[0]], rng, per_chunk)
-                                            if node.op_type == "Conv" else _rows(x, rng, per_chunk))
+                rows[node.output[0]].append(sample([outs[node.input[0]]], node, k, c)[0])
             except (ValueError, IndexError):  # auto_pad, a layout the sampling does not cover: left as it is
                 del rows[node.output[0]]
         del outs
+    names = [_name_of(n) for n in targets]
     changes: list[Change] = []
     for k, node in enumerate(targets):
         if not rows.get(node.output[0]):
             continue
         x = np.concatenate(rows.pop(node.output[0]))
+        xq = None
+        if act_ranges is not None:  # the input the quantized model feeds it, the layers above already rounded
+            qmodel = simulate_quantized(model, weights, act_ranges, act_symmetric, names)
+            reads = next(n.input[0] for n in qmodel.graph.node if n.output[0] == node.output[0])
+            qsess = _session(qmodel, [reads])
+            qnames = {i.name for i in qsess.get_inputs()}
+            xq = np.concatenate([sample([qsess.run([reads], {n: v for n, v in feed.items() if n in qnames})[0]],
+                                        node, k, c)[0] for c, feed in enumerate(chunks)])
+            del qsess, qmodel
         w0 = _weight(g, node)
         assert w0 is not None  # a target has a constant weight
         w = w0.astype(np.float64)
@@ -197,7 +229,7 @@ def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: Wei
             continue  # a layout this sampling does not cover
         start = time.perf_counter()
         with torch.enable_grad():
-            q = _optimise(torch, x, wm, sm, qmin, qmax, groups, iterations, seed + k)
+            q = _optimise(torch, x, xq, wm, sm, qmin, qmax, groups, iterations, seed + k)
         log.debug("adaround %s (%d/%d): %d x %d weights, %.1f s", _name_of(node), k + 1, len(targets),
                   wm.shape[0] * wm.shape[1], wm.shape[2], time.perf_counter() - start)
         q = _back(q, w, node)

@@ -1005,20 +1005,24 @@ def transform_model(model: Any, spec: QuantSpec, calib: Feeds | None = None,
     elif alpha is not False:
         events.append(_event("smoothquant", [], False, "no calibration data"))
 
+    if simulate_activations is None:
+        simulate_activations = spec.activations.mode in ("static", "auto")
     iterations, why = chosen["adaround"]
     if iterations and data:
         from .adaround import adaround
 
-        model, ch = adaround(model, data, spec.weights, iterations=int(iterations), layers=layers, chunk=chunk)
-        events.append(_event("adaround", ch, True, why))
+        ada_ranges = None
+        if simulate_activations:
+            ada_ranges = tensor_ranges(model, data, {n.input[0] for n in _layers(_Graph(model), layers)}, chunk)
+        model, ch = adaround(model, data, spec.weights, iterations=int(iterations), layers=layers, chunk=chunk,
+                             act_ranges=ada_ranges, act_symmetric=spec.activations.symmetric)
+        events.append(_event("adaround", ch, True, why + (", activations simulated" if ada_ranges else "")))
     else:
         events.append(_event("adaround", [], False, why + ("" if data or not iterations else ", no calibration data")))
 
     bc, why = chosen["bias_correction"]
     if bc and data:
         act_ranges = None
-        if simulate_activations is None:
-            simulate_activations = spec.activations.mode in ("static", "auto")
         if bc == "empirical" and simulate_activations:
             g = _Graph(model)
             act_ranges = tensor_ranges(model, data, {n.input[0] for n in _layers(g, layers)}, chunk)
