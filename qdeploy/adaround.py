@@ -160,7 +160,7 @@ def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: Wei
     input the quantized model gives it -- the layers above with the roundings already learned, 8-bit activations
     on every layer input -- so it also absorbs the error of the activations and of the layers above (the paper's
     asymmetric reconstruction, layer by layer)."""
-    from .transforms import (Change, _attr, _chunks, _copy, _Graph, _layers, _quant_axis, _session, _weight,
+    from .transforms import (Change, _attr, _chunks, _copy, _Graph, _layers, _name, _quant_axis, _session, _weight,
                              simulate_quantized)
 
     torch = _torch()
@@ -200,7 +200,7 @@ def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: Wei
             except (ValueError, IndexError):  # auto_pad, a layout the sampling does not cover: left as it is
                 del rows[node.output[0]]
         del outs
-    names = [_name_of(n) for n in targets]
+    names = [_name(n) for n in targets]
     changes: list[Change] = []
     for k, node in enumerate(targets):
         if not rows.get(node.output[0]):
@@ -230,14 +230,14 @@ def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: Wei
         start = time.perf_counter()
         with torch.enable_grad():
             q = _optimise(torch, x, xq, wm, sm, qmin, qmax, groups, iterations, seed + k)
-        log.debug("adaround %s (%d/%d): %d x %d weights, %.1f s", _name_of(node), k + 1, len(targets),
+        log.debug("adaround %s (%d/%d): %d x %d weights, %.1f s", _name(node), k + 1, len(targets),
                   wm.shape[0] * wm.shape[1], wm.shape[2], time.perf_counter() - start)
         q = _back(q, w, node)
         nearest = np.clip(np.round(w / s), qmin, qmax)
         keep = _scale_setters(w, axis, weights)  # these set the scale: their rounding stays nearest
         q[keep] = nearest[keep]
         g.set(node, 1, q * s)
-        changes.append({"transform": "adaround", "nodes": [_name_of(node)],
+        changes.append({"transform": "adaround", "nodes": [_name(node)],
                         "rounded_away_from_nearest": round(float(np.mean(q != nearest)), 4)})
     return model, changes
 
@@ -261,6 +261,3 @@ def _scale_setters(w: np.ndarray, axis: int, ws: WeightSpec) -> np.ndarray:
         return a == a.max(red, keepdims=True)
     return a == a.max()
 
-
-def _name_of(node: Any) -> str:
-    return node.name or node.output[0]

@@ -33,9 +33,10 @@ from .verify import Reference, side_by_side, verify_artifact
 Echo = Callable[[str], None]
 TRANSFORM_SAMPLES = 32
 """Calibration samples the accuracy transforms (bias correction, SmoothQuant) are computed from."""
-TECHNIQUE_ORDER = ("cross_layer_equalization", "smoothquant", "bias_correction", "adaround")
+TECHNIQUE_ORDER = ("cross_layer_equalization", "bias_correction", "adaround")
 """The order "auto" tries the accuracy transforms in after a plain build misses: each on top of those kept so far
-(the transforms themselves always run CLE, SmoothQuant, AdaRound, then bias correction)."""
+(the transforms themselves always run CLE, AdaRound, then bias correction). SmoothQuant has no "auto": set, it makes
+the transforms explicit, applied before the first build."""
 Progress = Callable[[str, int, int], None]
 
 
@@ -380,9 +381,10 @@ class FallbackRun:
             else:
                 self.model, self.ranges = before_model, before_ranges
             on_top = f" on top of {', '.join(base)}" if base else ""
+            verdict = "kept" if better else "undone: it did not help"
             self.ctx.events.emit("ACCURACY_BELOW_BUDGET", self.label,
                                  f"{before.describe()}; technique before precision: {technique}{on_top} -> "
-                                 f"{after.metric} {after.value:.4f} ({'kept' if better else 'undone: it did not help'})",
+                                 f"{after.metric} {after.value:.4f} ({verdict})",
                                  action="transform", transforms=base + [technique], technique=technique,
                                  metric=after.metric, before=before.value, value=after.value, budget=after.budget,
                                  kept=better, trial=len(trials) - 1)
@@ -397,9 +399,9 @@ class FallbackRun:
 
     def _only(self, techniques: list[str]) -> QuantSpec:
         """The spec with only ``techniques`` of the transforms on (as "auto" resolved them), the rest off."""
-        t = self.spec.transforms
         import dataclasses
 
+        t = self.spec.transforms
         return self.spec.replace(transforms=dataclasses.replace(
             t, **{name: (getattr(t, name) if name in techniques else False) for name in TECHNIQUE_ORDER}))
 
