@@ -64,9 +64,9 @@ def transforms_preview(spec: QuantSpec, model: ModelHandle, caps: Capabilities) 
     mode = transforms_mode(spec, model)
     if mode == "off":
         return {"mode": "off", "reason": "no transform asked, or nothing to quantize", "transforms": {}}
-    if "onnx" not in caps.model_formats:
-        return {"mode": mode, "reason": "not applied: this backend builds from the PyTorch module, not the ONNX "
-                                        "reference", "transforms": {}}
+    if "onnx" not in caps.model_formats and model.torch_module is None:
+        return {"mode": mode, "reason": "not applied: this backend builds from a PyTorch module; this model has none",
+                "transforms": {}}
     import onnx
 
     from .transforms import decide
@@ -75,6 +75,8 @@ def transforms_preview(spec: QuantSpec, model: ModelHandle, caps: Capabilities) 
     when = ("applied to the reference before the first build" if mode == "on" else
             "tried on the reference one at a time (CLE, bias correction, AdaRound) after a plain build misses the "
             "budget, each kept only if it verifies better")
+    if "onnx" not in caps.model_formats:
+        when += "; the transformed weights are written into the PyTorch module this backend builds from"
     return {"mode": mode, "reason": when,
             "transforms": {k: {"apply": v if isinstance(v, (str, float)) else bool(v), "why": why}
                            for k, (v, why) in chosen.items()}}
@@ -209,6 +211,7 @@ class FallbackRun:
         self.ranges: ActivationRanges | None = None
         self.model = ctx.model  # what the backend builds from: the reference, or the reference transformed
         self.transforms: dict[str, Any] = {}  # what the accuracy transforms did, for the manifest
+        self.not_carried = ""  # why the transforms could not be carried into the PyTorch module
         self.sensitivity: dict[str, float] = {}
         self.costs: dict[str, float] = {}
         self.worst: list[int] = []  # the samples the ranking measured on
@@ -326,16 +329,15 @@ class FallbackRun:
         mode = transforms_mode(self.spec, self.ctx.model)
         if mode == "off":
             return None
-        if "onnx" not in self.caps.model_formats:  # built from the PyTorch module: the ONNX transforms do not reach it
-            if mode == "on":
-                self.ctx.echo(f"{self.label}: accuracy transforms not applied: this backend builds from the PyTorch "
-                              f"module, not the ONNX reference")
-            self.transforms = {"applied": False, "reason": "the backend builds from the PyTorch module"}
+        if "onnx" not in self.caps.model_formats and self.ctx.model.torch_module is None:
+            self.transforms = {"applied": False, "reason": "the backend builds from a PyTorch module; this model has "
+                                                           "none"}
             return None
         if mode == "on":
             handle, events = self._transformed(self.spec)
             if handle is None:
-                self.transforms = {"applied": False, "reason": "no transform changed the model", "events": events}
+                self.transforms = {"applied": False, "events": events,
+                                   "reason": self.not_carried or "no transform changed the model"}
                 return None
             self.model, self.ranges = handle, self.ctx.ranges_for(self.spec, handle)
             trial = self.build_and_verify(dict(self.layer_prec), 0)
@@ -394,7 +396,7 @@ class FallbackRun:
                            "steps": tried, "events": kept_events,
                            "reason": "auto: " + (f"kept {', '.join(kept)}" if kept else
                                                  "no technique verified better" if tried else
-                                                 "no technique changed the model")}
+                                                 self.not_carried or "no technique changed the model")}
         return trials
 
     def _only(self, techniques: list[str]) -> QuantSpec:
@@ -434,7 +436,22 @@ class FallbackRun:
         ctx.echo(f"{self.label}: accuracy transforms on the reference: "
                  + ", ".join(f"{e['transform']} ({e['count']} layers)" for e in applied)
                  + f" ({time.perf_counter() - start:.0f} s)")
-        return dataclasses.replace(ctx.model, onnx_path=path, sha256=sha256_file(path)), summary
+        handle = dataclasses.replace(ctx.model, onnx_path=path, sha256=sha256_file(path))
+        if "onnx" not in self.caps.model_formats:  # the backend builds from the PyTorch module: carry them there
+            from .torch_bridge import CarryError, carry_weights
+
+            feed = {k: v[:4] for k, v in ctx.reference.inputs.items()}
+            try:
+                module, carried = carry_weights(ctx.model.torch_module, onnx.load(str(ctx.model.onnx_path)), proto,
+                                                ctx.model.layers, feed, path)
+            except CarryError as exc:
+                self.not_carried = f"the transformed weights do not fit the PyTorch module: {exc}"
+                ctx.echo(f"{self.label}: accuracy transforms not applied: {self.not_carried}")
+                return None, summary
+            ctx.echo(f"{self.label}: transformed weights of {len(carried)} layers written into the PyTorch module "
+                     f"(it computes what the transformed reference computes)")
+            handle.torch_module = module
+        return handle, summary
 
     def record(self, trial: Trial, staging: Path) -> tuple[ArtifactRecord, dict[str, np.ndarray]]:
         """Move the kept artifact into the bundle; its manifest record, and its outputs on the validation data."""

@@ -237,7 +237,8 @@ class TFLiteBackend(Backend):
         if kind == "static":
             meta["calibration"] = {"method": plan.spec.activations.method, "observer": "qdeploy",
                                    "activation_symmetric": plan.spec.activations.symmetric,
-                                   "weights": plan.spec.weights.granularity.type}
+                                   "weights": plan.spec.weights.granularity.type,
+                                   **plan.state.get("ranges_report", {})}
         if plan.state["io_dtype"] == "int8":
             not_int = [t["name"] for t in info["inputs"] + info["outputs"] if t["dtype"] != "int8"]
             if not_int:

@@ -82,17 +82,24 @@ def _pt2e(plan: Plan, module: Any, sample: tuple[Any, ...], dynamic: bool) -> by
         per_sample = True
     prepared = prepare_pt2e(exported, quantizer)
     names = [i.name for i in plan.model.inputs]
-    with torch.no_grad():
-        if dynamic or plan.state.get("data") is None:
+    if dynamic or plan.state.get("data") is None:
+        with torch.no_grad():
             prepared(*sample)  # weight observers only
-        else:
+    else:
+        from qdeploy.torch_bridge import calibrate
+
+        def batches() -> Any:
             for x, _ in plan.state["data"].batches():
                 tensors = [torch.from_numpy(x[n]) for n in names]
                 if per_sample:
-                    for i in range(len(tensors[0])):
-                        prepared(*(t[i:i + 1] for t in tensors))
+                    yield from (tuple(t[i:i + 1] for t in tensors) for i in range(len(tensors[0])))
                 else:
-                    prepared(*tensors)
+                    yield tuple(tensors)
+
+        # the core's calibrated ranges wherever an observer's tensor is found in the reference
+        _, report = calibrate(prepared, batches(), names, plan.model.onnx_path,
+                              plan.ranges.ranges if plan.ranges is not None else None)
+        plan.state["ranges_report"] = report
     converted = convert_pt2e(prepared, fold_quantize=False)
     converted.training = False  # exported from the eval-mode module; the flag only drives a converter warning
     edge = litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))

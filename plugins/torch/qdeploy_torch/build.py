@@ -131,7 +131,7 @@ def _pt2e(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) ->
     converted = convert_pt2e(prepared)
     out = _save_program(converted, example, workdir / "model.pt2")
     return out, {"compile": True, "calibration_samples": n, "observer": plan.spec.activations.method,
-                 "observers_reused": reused}
+                 "observers_reused": reused, **plan.state.get("ranges_report", {})}
 
 
 def _quantizer(plan: Plan, keep: dict[str, str]) -> Any:
@@ -149,10 +149,15 @@ def _tensor_layers(plan: Plan, keep: dict[str, str]) -> set[str]:
 
 
 def _calibrate(plan: Plan, prepared: torch.fx.GraphModule, example: tuple) -> int:
-    n = 0
-    for xs in calibration_batches(plan, example[0].shape[0]):
-        prepared(*xs)
-        n += len(xs[0])
+    """Calibrate the observers of ``prepared``: with the core's ranges (``plan.ranges``) wherever an observer's
+    tensor is found in the reference (:func:`qdeploy.torch_bridge.calibrate`), on the calibration data for the
+    rest. Records how in ``plan.state["ranges_report"]``."""
+    from qdeploy.torch_bridge import calibrate
+
+    ranges = plan.ranges.ranges if plan.ranges is not None else None
+    n, report = calibrate(prepared, calibration_batches(plan, example[0].shape[0]),
+                          [i.name for i in plan.model.inputs], plan.model.onnx_path, ranges)
+    plan.state["ranges_report"] = report
     return n
 
 
@@ -192,9 +197,10 @@ def _prepared_from_cache(plan: Plan, module: torch.nn.Module, example: tuple,
         exported = q.export_for_quantization(copy.deepcopy(module), example, "the model")
         full = prepare_pt2e(copy.deepcopy(exported), _quantizer(plan, {}))
         n = _calibrate(plan, full, example)
-        entry = (key, exported, full, n, (module, plan.state.get("data")))  # alive while cached: ids stay theirs
-        _CALIBRATED.append(entry)
-    _, exported, full, n, _ = entry
+        entry = (key, exported, full, n, (module, plan.state.get("data"), plan.state.get("ranges_report", {})))
+        _CALIBRATED.append(entry)  # module and data alive while cached: their ids stay theirs
+    _, exported, full, n, (_, _, report) = entry
+    plan.state["ranges_report"] = report
     if not keep:
         return copy.deepcopy(full), n, cached
     prepared = prepare_pt2e(copy.deepcopy(exported), _quantizer(plan, keep))
@@ -256,17 +262,13 @@ def _fx(plan: Plan, module: torch.nn.Module, example: tuple, workdir: Path) -> t
         raise BackendError(f"FX graph mode cannot trace the model for the {engine} engine: {type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}", "OP_UNSUPPORTED") from None
     clamped = q.observe_after_clamps(prepared)
-    n = 0
-    with torch.no_grad():
-        for xs in calibration_batches(plan, example[0].shape[0]):
-            prepared(*xs)
-            n += len(xs[0])
+    n = _calibrate(plan, prepared, example)
     converted = convert_fx(prepared)
     out = workdir / "model.ts"
     _save_script(converted, example, out)
     return out, {"compile": False, "quantized_engine": True, "calibration_samples": n,
                  "observer": plan.spec.activations.method, "batchnorm_folded": folded,
-                 "observed_after_clamp": clamped}
+                 "observed_after_clamp": clamped, **plan.state.get("ranges_report", {})}
 
 
 def _save_script(module: torch.nn.Module, example: tuple, out: Path) -> None:
