@@ -259,7 +259,7 @@ def _match(seen: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> 
 def _fixed(observer: torch.nn.Module, lo: float, hi: float) -> torch.nn.Module:
     """A min/max observer of ``observer``'s family and quantized range holding ``(lo, hi)``: its qparams are
     computed from that range exactly as for any min/max observer (a histogram observer's search is not rerun)."""
-    if type(observer).__module__.startswith("torchao"):
+    if any(c.__module__.startswith("torchao") for c in type(observer).__mro__):  # PT2E's observers, not torch.ao's
         from torchao.quantization.pt2e.observer import MinMaxObserver
     else:
         from torch.ao.quantization.observer import MinMaxObserver
