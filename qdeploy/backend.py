@@ -291,6 +291,16 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"qdeploy.{module}"), name)
 
 
+def calibrate_observers(prepared: Any, batches: Any, input_names: list[str], onnx_path: Any,
+                        ranges: Mapping[str, tuple[float, float]] | None) -> tuple[int, dict[str, Any]]:
+    """Calibrate the activation observers of a prepared PT2E or FX graph (torch): each takes the core's range of
+    the reference tensor it watches, matched by value on the first sample; the rest observe ``batches``. Returns
+    the samples run and a report for the artifact's meta (:func:`qdeploy.torch_bridge.calibrate`)."""
+    from .torch_bridge import calibrate
+
+    return calibrate(prepared, batches, input_names, onnx_path, ranges)
+
+
 def make_observer(activations: ActivationSpec) -> Observer:
     """A fresh calibration observer for the spec's activation settings (its ``method``, ``percentile``,
     ``momentum``, ``symmetric``): ``update(batch)`` with numpy arrays, then ``range()`` is ``(lo, hi)``. For a

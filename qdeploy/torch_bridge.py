@@ -13,7 +13,7 @@ torch is imported at the top: only code that already holds a torch module import
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -271,14 +271,13 @@ def _fixed(observer: torch.nn.Module, lo: float, hi: float) -> torch.nn.Module:
 
 
 def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tensor, ...]], input_names: list[str],
-              onnx_path: str | Path | None, ranges: Mapping[str, tuple[float, float]] | None,
-              run: Callable[..., Any] | None = None) -> tuple[int, dict[str, Any]]:
+              onnx_path: str | Path | None, ranges: Mapping[str, tuple[float, float]] | None
+              ) -> tuple[int, dict[str, Any]]:
     """Calibrate the activation observers of a prepared PT2E/FX graph: with the core's ``ranges`` (tensor of the
     ONNX model at ``onnx_path`` -> ``(lo, hi)``), each observer matched to its tensor on the first sample takes
     that range, and the calibration data is run through the graph only when some observer has no twin (it then
-    observes by itself). Without ``ranges``, every batch is observed. ``run`` calls the graph on one batch
-    (default: ``prepared(*batch)``). Returns the samples observed and a report for the artifact's meta."""
-    run = run or (lambda *xs: prepared(*xs))
+    observes by itself). Without ``ranges``, every batch is observed. Returns the samples run and a report for
+    the artifact's meta."""
     observers = _observer_nodes(prepared) if ranges else {}
     seen: dict[str, np.ndarray] = {}
     hooks = []
@@ -293,7 +292,7 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tens
     try:
         with torch.no_grad():
             for xs in batches:
-                run(*xs)
+                prepared(*xs)
                 n += len(xs[0])
                 if hooks:
                     for h in hooks:

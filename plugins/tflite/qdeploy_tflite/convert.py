@@ -86,7 +86,7 @@ def _pt2e(plan: Plan, module: Any, sample: tuple[Any, ...], dynamic: bool) -> by
         with torch.no_grad():
             prepared(*sample)  # weight observers only
     else:
-        from qdeploy.torch_bridge import calibrate
+        from qdeploy.backend import calibrate_observers
 
         def batches() -> Any:
             for x, _ in plan.state["data"].batches():
@@ -97,7 +97,7 @@ def _pt2e(plan: Plan, module: Any, sample: tuple[Any, ...], dynamic: bool) -> by
                     yield tuple(tensors)
 
         # the core's calibrated ranges wherever an observer's tensor is found in the reference
-        _, report = calibrate(prepared, batches(), names, plan.model.onnx_path,
+        _, report = calibrate_observers(prepared, batches(), names, plan.model.onnx_path,
                               plan.ranges.ranges if plan.ranges is not None else None)
         plan.state["ranges_report"] = report
     converted = convert_pt2e(prepared, fold_quantize=False)

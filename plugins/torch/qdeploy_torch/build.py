@@ -152,10 +152,10 @@ def _calibrate(plan: Plan, prepared: torch.fx.GraphModule, example: tuple) -> in
     """Calibrate the observers of ``prepared``: with the core's ranges (``plan.ranges``) wherever an observer's
     tensor is found in the reference (:func:`qdeploy.torch_bridge.calibrate`), on the calibration data for the
     rest. Records how in ``plan.state["ranges_report"]``."""
-    from qdeploy.torch_bridge import calibrate
+    from qdeploy.backend import calibrate_observers
 
     ranges = plan.ranges.ranges if plan.ranges is not None else None
-    n, report = calibrate(prepared, calibration_batches(plan, example[0].shape[0]),
+    n, report = calibrate_observers(prepared, calibration_batches(plan, example[0].shape[0]),
                           [i.name for i in plan.model.inputs], plan.model.onnx_path, ranges)
     plan.state["ranges_report"] = report
     return n
