@@ -238,22 +238,42 @@ def _tensor_values(onnx_path: str | Path, tensors: Iterable[str], feed: Mapping[
     return dict(zip(names, sess.run(names, {k: v for k, v in feed.items() if k in wanted})))
 
 
-def _match(seen: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> dict[str, str]:
-    """Observer -> the ONNX tensor with the same shape whose values are nearest its input (relative L2 within
-    :data:`MATCH_TOLERANCE`)."""
+def _match(seen: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> dict[str, tuple[str, bool]]:
+    """Observer -> (the ONNX tensor whose values are nearest its input, relative L2 within
+    :data:`MATCH_TOLERANCE`; whether the observer's input is that tensor zero-padded). Same shape first; else, for
+    an observer that watches a padding's output (a same-padding convolution's input, where the ONNX exporter put
+    the padding into the Conv), a tensor with the observer's channels whose values are the observer's interior
+    at some offset, with zeros around."""
     by_shape: dict[tuple[int, ...], list[tuple[str, np.ndarray, float]]] = {}
     for t, v in values.items():
         by_shape.setdefault(tuple(v.shape), []).append((t, v, float(np.linalg.norm(v))))
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, bool]] = {}
     for obs, x in seen.items():
         best, err = None, MATCH_TOLERANCE
         for t, v, norm in by_shape.get(tuple(x.shape), []):
-            e = float(np.linalg.norm(x - v) / (norm + 1e-12)) if norm > 0 else (0.0 if not x.any() else 1.0)
+            e = _rel(x, v, norm)
             if e <= err:
-                best, err = t, e
+                best, err = (t, False), e
+        if best is None and x.ndim >= 3:
+            for shape, candidates in by_shape.items():
+                if len(shape) != x.ndim or shape[:2] != x.shape[:2] or \
+                        not all(0 <= a - b <= 8 for a, b in zip(x.shape[2:], shape[2:])) or shape == x.shape:
+                    continue
+                for offsets in np.ndindex(*(a - b + 1 for a, b in zip(x.shape[2:], shape[2:]))):
+                    window = (slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(offsets, shape[2:]))
+                    inner = x[window]
+                    rest = float(np.abs(x).sum() - np.abs(inner).sum())
+                    for t, v, norm in candidates:
+                        e = _rel(inner, v, norm)
+                        if e <= err and rest <= MATCH_TOLERANCE * max(norm, 1e-12):
+                            best, err = (t, True), e
         if best is not None:
             out[obs] = best
     return out
+
+
+def _rel(x: np.ndarray, v: np.ndarray, norm: float) -> float:
+    return float(np.linalg.norm(x - v) / norm) if norm > 0 else (0.0 if not x.any() else 1.0)
 
 
 def _fixed(observer: torch.nn.Module, lo: float, hi: float) -> torch.nn.Module:
@@ -306,8 +326,10 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tens
     finally:
         for h in hooks:
             h.remove()
-    for obs_name, tensor in matched.items():
+    for obs_name, (tensor, padded) in matched.items():
         lo, hi = ranges[tensor]  # type: ignore[index]
+        if padded:  # the padding's zeros are in the observed tensor too
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
         setattr(prepared, obs_name, _fixed(observers[obs_name], lo, hi))
     if not ranges:
         return n, {"activation_ranges": "observed by the backend"}

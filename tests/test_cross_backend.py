@@ -146,3 +146,15 @@ def test_one_spec_one_numerics_on_onnxruntime_torch_and_litert(tmp_path, digits_
     for a, c in (("onnxruntime", "torch"), ("onnxruntime", "tflite"), ("torch", "tflite")):
         m = output_metrics(outs[a], outs[c])
         assert m["cosine"] >= 0.9999 and m["top1_agreement"] >= 0.99, (a, c, m)
+
+
+def test_an_observer_of_a_padding_is_matched_to_the_unpadded_tensor():
+    """A same-padding convolution's input is a padded tensor in torch, while the ONNX exporter puts the padding into
+    the Conv: the observer is matched to the unpadded tensor (its range widened to hold the zeros); other values
+    are not matched to it."""
+    from qdeploy.torch_bridge import _match
+
+    v = np.random.default_rng(0).normal(size=(1, 4, 5, 5)).astype(np.float32)
+    seen = {"right": np.pad(v, ((0, 0), (0, 0), (0, 1), (0, 1))), "both": np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))),
+            "same": v, "shifted": np.pad(v, ((0, 0), (0, 0), (0, 1), (0, 1))) + 1}
+    assert _match(seen, {"t": v, "twice": 2 * v}) == {"right": ("t", True), "both": ("t", True), "same": ("t", False)}

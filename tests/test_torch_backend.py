@@ -439,6 +439,32 @@ def test_fallback_loop_promotes_layers_in_torch(digits_data, tmp_path):
     assert art["budget"]["passed"] and set(art["layer_precisions"].values()) - {"int8"}
 
 
+class SamePadConv(torch.nn.Conv2d):
+    """A convolution subclass padding in its own forward (EfficientNet-Lite0's Conv2dStaticSamePadding)."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias,
+                                          self.stride)
+
+
+def test_x86_quantizes_convolution_subclasses():
+    """The x86 quantizer matches convolutions by the exact class: a subclass of nn.Conv2d counts as one, so its
+    weights are observed (EfficientNet-Lite0's 49 convolutions were left float before)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from types import SimpleNamespace
+
+    from qdeploy.spec import QuantSpec
+    from qdeploy_torch import build as b
+    from qdeploy_torch import quantize as q
+
+    model = torch.nn.Sequential(SamePadConv(3, 8, 3, stride=2), torch.nn.ReLU6(), SamePadConv(8, 8, 3, stride=2)).eval()
+    plan = SimpleNamespace(spec=QuantSpec.from_dict(MINMAX), target=target("x86-avx512-vnni", "torch:x86"))
+    with b.quiet():
+        gm = prepare_pt2e(q.export_for_quantization(model, (torch.randn(2, 3, 16, 16),), "m"), b._quantizer(plan, {}))
+    weights = [n for n in gm.graph.nodes if n.op == "call_module" and n.args[0].op == "get_attr"]
+    assert len(weights) == 2
+
+
 def test_trials_reuse_one_export_and_one_calibration(digits_data, tmp_path):
     """A fallback run's trials differ only in which layers stay float: the torch backend exports and calibrates
     the model once (every layer observed), and a trial's observers are the calibrated ones of the edges it

@@ -210,7 +210,20 @@ def tag_module_calls(gm: torch.fx.GraphModule, root: torch.nn.Module) -> None:
             counts[fqn] = counts.get(fqn, -1) + 1
         prev = fqn
         tag = fqn.replace(".", "_") + (f"_{counts[fqn]}" if counts[fqn] else "")
-        node.meta["source_fn_stack"] = [(tag, type(mod))]
+        node.meta["source_fn_stack"] = [(tag, _matched_type(node, mod))]
+
+
+_LAYER_OPS = {"aten.conv1d.default": torch.nn.Conv1d, "aten.conv2d.default": torch.nn.Conv2d,
+              "aten.conv3d.default": torch.nn.Conv3d, "aten.linear.default": torch.nn.Linear}
+
+
+def _matched_type(node: torch.fx.Node, mod: torch.nn.Module) -> type:
+    """The type a quantizer matches a node's partition by: a subclass of ``nn.Conv2d``/``nn.Linear`` (e.g. a
+    same-padding convolution) counts as the class itself for its convolution/linear node, which the quantizers
+    look up by exact type (EfficientNet-Lite0's 49 convolutions were left float by the x86 quantizer); its
+    other nodes keep the subclass, so they never join that partition."""
+    base = _LAYER_OPS.get(str(node.target))
+    return base if base is not None and isinstance(mod, base) else type(mod)
 
 
 def export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], what: str, dynamic_batch: bool = False) -> Any:
