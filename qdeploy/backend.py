@@ -190,6 +190,13 @@ class Backend(ABC):
         Tensor layers not named stay as the backend's recipe has them. Optional."""
         return ()
 
+    def exact_runner(self, path: Path, meta: Mapping[str, Any]) -> Runner | None:
+        """A runner of the artifact at ``path`` whose INT8 arithmetic accumulates exactly (its quantize/dequantize
+        program run as float arithmetic), or None when the artifact has no such form. A deploy to a profile whose
+        CPU accumulates INT8 products exactly (VNNI, ARM) judges accuracy with it on a host whose kernels do not
+        (AVX2 saturates u8 x s8 pair sums in int16). Optional."""
+        return None
+
     def release(self) -> None:
         """Drop what the backend kept between the builds of one profile entry's fallback run (a model's exported
         or calibrated graphs, say). The core calls it when the entry's run ends, kept artifact or not. Optional."""

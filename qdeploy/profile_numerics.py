@@ -285,7 +285,15 @@ def emulated_numerics(profile: Profile, backend: str, host: Host | None = None) 
     """The words for the exact int32 emulation a deploy to ``profile`` judges ``backend``'s INT8 accuracy with on
     this host, or ``""`` when it uses the runtime's own kernels (see :func:`target_emulation`; for ``check``,
     before any artifact exists)."""
-    if backend != "onnxruntime" or profile.device != "cpu":
+    if backend != "onnxruntime":
+        return ""
+    return exact_numerics(profile, host)
+
+
+def exact_numerics(profile: Profile, host: Host | None = None) -> str:
+    """The words for judging ``profile``'s INT8 with exact int32 accumulation on this host, or ``""`` when this
+    host's kernels already accumulate as the profile's CPU does (or the profile is not a CPU)."""
+    if profile.device != "cpu":
         return ""
     acc = profile_accumulation(profile)
     host = host or detect_host()

@@ -236,9 +236,14 @@ class FallbackRun:
             stage = "run"
             try:
                 if ctx.profile is not None:  # the target's exact INT8 accumulation, not this host's saturating kernels
-                    from .profile_numerics import target_judge
+                    from .profile_numerics import exact_numerics, target_judge
 
                     emulated, numerics = target_judge(ctx.profile, backend.name, art.path, ctx.threads)
+                    if emulated is None and (words := exact_numerics(ctx.profile)):
+                        # the backend's own exact form of the artifact (its Q/DQ program as float arithmetic)
+                        emulated = backend.exact_runner(art.path, {**art.meta, "threads": ctx.threads})
+                        numerics = f"{words}; the artifact's quantize/dequantize program run as float arithmetic" \
+                            if emulated is not None else ""
                     judge = emulated or runner
                 shown = ctx.progress
                 cb = (lambda d, n: shown(f"verify {self.label} trial {i}", d, n)) if shown else None

@@ -256,8 +256,33 @@ def test_runner_contract(digits_bundle):
     np.testing.assert_allclose(out[:1], single, atol=1e-5)
     samples = b.samples()
     stored = samples[f"{art['id']}:output"]
-    again = runner.infer({"input": samples["input:input"]})["output"]
+    # the verified outputs: of the exact-accumulation form where the target's CPU accumulates exactly and this
+    # host's does not (see the next test), else of the runner itself
+    judge = backend().exact_runner(b.path / art["path"], art["meta"]) if art["verification"].get("numerics") \
+        else runner
+    again = judge.infer({"input": samples["input:input"]})["output"]
     np.testing.assert_allclose(again, stored, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_exact_accumulation_target_is_judged_with_the_programs_float_form(digits_bundle):
+    """Deployed to a VNNI profile from a host whose INT8 kernels saturate (AVX2), the x86 artifact's accuracy is
+    judged by its exported quantize/dequantize program run eagerly, as float arithmetic (what oneDNN computes with
+    exact int32 accumulation), and the manifest says so; on a host that accumulates exactly, by the runner."""
+    from qdeploy.profile_numerics import exact_numerics
+    from qdeploy_torch.runner import TorchRunner
+
+    art = digits_bundle.manifest["artifacts"][0]
+    words = exact_numerics(get_registry().profile("x86-avx512-vnni"))
+    numerics = art["verification"].get("numerics", "")
+    assert (words in numerics and "float arithmetic" in numerics and art["verified_on"] == "simulated") if words \
+        else not numerics, (words, numerics)
+    path = digits_bundle.path / art["path"]
+    exact = backend().exact_runner(path, art["meta"])
+    assert exact.meta["compile"] is False and backend().exact_runner(path, {**art["meta"], "path": "fx"}) is None
+    x = np.random.default_rng(1).random((64, 1, 8, 8), dtype=np.float32)
+    m = output_metrics(exact.infer({"input": x})["output"], TorchRunner(path, art["meta"]).infer({"input": x})["output"])
+    assert m["cosine"] >= 0.999, m  # the same model: only the accumulation differs (little, on digits)
 
 
 @pytest.mark.slow

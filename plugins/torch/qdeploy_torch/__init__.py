@@ -203,6 +203,18 @@ class TorchBackend(Backend):
 
         return TorchRunner(Path(path), meta)
 
+    def exact_runner(self, path: Path, meta: Mapping[str, Any]) -> Any:
+        """The x86 engine's exported program run eagerly: its quantize/dequantize ops and float convolutions are
+        exact int32 accumulation (up to float rounding), what oneDNN computes on a VNNI CPU; Inductor's INT8
+        kernels on an AVX2 CPU saturate in int16 instead (EfficientNet-Lite0: cosine 0.917 there)."""
+        if meta.get("path") != "pt2e":
+            return None
+        from .runner import TorchRunner
+
+        exact = TorchRunner(Path(path), {**meta, "compile": False})
+        exact.simulated = True  # an emulation of the target's arithmetic, not the artifact's runtime: said so
+        return exact
+
 
 @hookimpl
 def qdeploy_register_backends(register: Any) -> None:
