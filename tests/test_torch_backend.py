@@ -267,8 +267,10 @@ def test_runner_contract(digits_bundle):
 @pytest.mark.slow
 def test_an_exact_accumulation_target_is_judged_with_the_programs_float_form(digits_bundle):
     """Deployed to a VNNI profile from a host whose INT8 kernels saturate (AVX2), the x86 artifact's accuracy is
-    judged by its exported quantize/dequantize program run eagerly, as float arithmetic (what oneDNN computes with
-    exact int32 accumulation), and the manifest says so; on a host that accumulates exactly, by the runner."""
+    judged by its exported quantize/dequantize program compiled without freezing, as float arithmetic (what oneDNN
+    computes with exact int32 accumulation), and the manifest says so; on a host that accumulates exactly, by the
+    runner. Compiled with freezing, the program holds oneDNN's INT8 kernels (test_compiled_artifact_is_the_fast_path);
+    without, none."""
     from qdeploy.profile_numerics import exact_numerics
     from qdeploy_torch.runner import TorchRunner
 
@@ -279,10 +281,16 @@ def test_an_exact_accumulation_target_is_judged_with_the_programs_float_form(dig
         else not numerics, (words, numerics)
     path = digits_bundle.path / art["path"]
     exact = backend().exact_runner(path, art["meta"])
-    assert exact.meta["compile"] is False and backend().exact_runner(path, {**art["meta"], "path": "fx"}) is None
+    assert exact.exact and backend().exact_runner(path, {**art["meta"], "path": "fx"}) is None
     x = np.random.default_rng(1).random((64, 1, 8, 8), dtype=np.float32)
     m = output_metrics(exact.infer({"input": x})["output"], TorchRunner(path, art["meta"]).infer({"input": x})["output"])
     assert m["cosine"] >= 0.999, m  # the same model: only the accumulation differs (little, on digits)
+    from torch._inductor.utils import run_and_get_code
+
+    import torch._dynamo
+    torch._dynamo.reset()
+    _, code = run_and_get_code(exact.infer, {"input": x})
+    assert "onednn.qconv" not in "\n".join(code)
 
 
 @pytest.mark.slow

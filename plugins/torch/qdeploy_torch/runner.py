@@ -43,6 +43,7 @@ class TorchRunner(Runner):
 
         self.torch = torch
         self.meta = dict(meta)
+        self.exact = bool(meta.get("exact", False))
         self.device = meta.get("device", "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BackendError("this artifact runs on CUDA and no GPU is visible here", "LOAD_FAILED")
@@ -66,13 +67,16 @@ class TorchRunner(Runner):
             if meta.get("compile", True):
                 import torch._inductor.config as inductor_config
 
-                inductor_config.freezing = True  # for this process: compiled INT8 needs it at every compile
+                if not self.exact:
+                    inductor_config.freezing = True  # for this process: compiled INT8 needs it at every compile
                 # compile forward itself: the exported module's __call__ hooks re-check the input structure
                 # in Python on every call (about 0.1 ms); the runner checks shapes itself
                 self.fn = torch.compile(self.module.forward, dynamic=False)
             else:
                 self.fn = self.module
         self.sample_shapes = {k: tuple(v) for k, v in meta.get("sample_shapes", {}).items()}
+        # "exact": compiled without freezing, Inductor runs the program's quantize/dequantize as float arithmetic
+        # (exact int32 accumulation up to float rounding) instead of lowering it to the host's INT8 kernels
         # torch's intra-op thread count is process-wide: it is set around each call and put back after, so
         # this runner uses what it was asked for and leaves every other runner (and the caller) theirs
         self.threads = threads_of(meta)
@@ -94,7 +98,9 @@ class TorchRunner(Runner):
             t = torch.from_numpy(np.ascontiguousarray(x))
             args.append(t if self.device == "cpu" else t.to(self.device))
         # freezing is read at every (re)compile: patch it back on if anything turned it off since __init__
-        ctx = contextlib.nullcontext() if inductor_config.freezing else inductor_config.patch(freezing=True)
+        # (off for the exact form)
+        freeze = not self.exact
+        ctx = contextlib.nullcontext() if inductor_config.freezing == freeze else inductor_config.patch(freezing=freeze)
         before = torch.get_num_threads()
         if self.threads and self.threads != before:
             torch.set_num_threads(self.threads)
