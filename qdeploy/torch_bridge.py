@@ -88,9 +88,9 @@ def carry_weights(module: torch.nn.Module, reference: Any, transformed: Any, lay
     computes, and the layers whose weights changed.
 
     Each weighted layer of ``layers`` (the reference's layer map: name -> ``LayerInfo``) whose module is an
-    ``nn.Conv*``/``nn.Linear`` takes its transformed weight and bias. A BatchNorm the transforms folded into the
-    layer (the reference's BatchNormalization that reads its output, named by its parameters) is set to pass its
-    input through plus the folded bias, so the module keeps its structure and every quantizer folds it back.
+    ``nn.Conv*``/``nn.Linear`` takes its transformed weight and bias. A BatchNorm module that reads the layer's output (seen
+    with hooks) and is folded into it in the transformed ONNX (by the exporter or the transforms) is set to pass
+    its input through plus the folded bias, so the module keeps its structure and every quantizer folds it back.
     Other parameters the transforms changed (a LayerNorm's scale under SmoothQuant) are copied by name. Raises
     :class:`CarryError` when a shape does not fit or the module's output on ``feed`` differs from the
     transformed ONNX's by more than :data:`CARRY_TOLERANCE`."""
