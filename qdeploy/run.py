@@ -151,6 +151,9 @@ class DeployContext:
     (:func:`qdeploy.profile_numerics.target_judge`)."""
     range_cache: dict[tuple, ActivationRanges] = field(default_factory=dict)
     ranges_cached: bool = False
+    transform_cache: dict[tuple, tuple[Path | None, list[dict[str, Any]], float]] = field(default_factory=dict)
+    """The transformed references of this deploy: the same transforms on the same layers (CLE, bias correction,
+    AdaRound: seconds to minutes each) run once, however many entries ask for them."""
     _timer: OrtRunner | None = None
 
     @property
@@ -426,28 +429,41 @@ class FallbackRun:
         calib = ctx.calib
         feeds = (lambda: (x for x, _ in calib.batches(16))) if calib is not None else None
         layers = [ctx.model.layers[n].node for n, p in self.layer_prec.items() if p in QUANTIZED]
-        start = time.perf_counter()
-        # 32 samples: bias correction estimates a mean per output channel over every spatial position of each
-        # sample (plenty), and its cached intermediates scale with the samples (128 took 4.6 GB on EfficientNet)
-        proto, events = transform_model(onnx.load(str(ctx.model.onnx_path)), spec, feeds, layers=layers,
-                                        max_samples=TRANSFORM_SAMPLES)
-        applied = [e for e in events if e.get("applied") and e.get("count") and e["transform"] != "fold_batchnorm"]
-        summary = [{k: v for k, v in e.items() if k != "changes"} for e in events]
-        if not applied:
-            return None, summary
-        tag = "-".join(e["transform"] for e in applied)
-        path = ctx.work / f"{self.label.replace(':', '-')}-{tag}.onnx"
-        onnx.save(proto, str(path))
-        ctx.echo(f"{self.label}: accuracy transforms on the reference: "
-                 + ", ".join(f"{e['transform']} ({e['count']} layers)" for e in applied)
-                 + f" ({time.perf_counter() - start:.0f} s)")
+        # what the transformed reference depends on: the transforms, the weights they round to, the activations
+        # bias correction and AdaRound simulate, the layers that will be quantized
+        key = (repr(spec.transforms), repr(spec.weights), repr(spec.activations), tuple(sorted(layers)))
+        reference = onnx.load(str(ctx.model.onnx_path))
+        if key in ctx.transform_cache:
+            path, summary, took = ctx.transform_cache[key]
+            if path is None:
+                return None, summary
+            ctx.echo(f"{self.label}: accuracy transforms on the reference: the same as an earlier entry's "
+                     f"({took:.0f} s then), reused")
+        else:
+            start = time.perf_counter()
+            # 32 samples: bias correction estimates a mean per output channel over every spatial position of each
+            # sample (plenty), and its cached intermediates scale with the samples (128 took 4.6 GB on EfficientNet)
+            proto, events = transform_model(reference, spec, feeds, layers=layers, max_samples=TRANSFORM_SAMPLES)
+            took = time.perf_counter() - start
+            applied = [e for e in events
+                       if e.get("applied") and e.get("count") and e["transform"] != "fold_batchnorm"]
+            summary = [{k: v for k, v in e.items() if k != "changes"} for e in events]
+            if not applied:
+                ctx.transform_cache[key] = (None, summary, took)
+                return None, summary
+            tag = "-".join(e["transform"] for e in applied)
+            path = ctx.work / f"transformed-{len(ctx.transform_cache)}-{tag}.onnx"
+            onnx.save(proto, str(path))
+            ctx.transform_cache[key] = (path, summary, took)
+            ctx.echo(f"{self.label}: accuracy transforms on the reference: "
+                     + ", ".join(f"{e['transform']} ({e['count']} layers)" for e in applied) + f" ({took:.0f} s)")
         handle = dataclasses.replace(ctx.model, onnx_path=path, sha256=sha256_file(path))
         if "onnx" not in self.caps.model_formats:  # the backend builds from the PyTorch module: carry them there
             from .torch_bridge import CarryError, carry_weights
 
             feed = {k: v[:4] for k, v in ctx.reference.inputs.items()}
             try:
-                module, carried = carry_weights(ctx.model.torch_module, onnx.load(str(ctx.model.onnx_path)), proto,
+                module, carried = carry_weights(ctx.model.torch_module, reference, onnx.load(str(path)),
                                                 ctx.model.layers, feed, path)
             except CarryError as exc:
                 self.not_carried = f"the transformed weights do not fit the PyTorch module: {exc}"

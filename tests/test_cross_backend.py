@@ -124,8 +124,12 @@ def test_one_spec_one_numerics_on_onnxruntime_torch_and_litert(tmp_path, digits_
     from qdeploy_torch.runner import TorchRunner
 
     calib, val = digits_data
+    lines: list[str] = []
     b = qdeploy.deploy(SENSITIVE, target="x86-avx512-vnni", spec=SPEC, calib=calib, val=val, input_shape="1x1x8x8",
-                       backends=["onnxruntime", "torch", "tflite"], output=tmp_path / "three")
+                       backends=["onnxruntime", "torch", "tflite"], output=tmp_path / "three", echo=lines.append)
+    # the reference is transformed once for the deploy; the other two entries take the same transformed weights
+    assert sum("accuracy transforms on the reference: cross_layer_equalization" in x for x in lines) == 1, lines
+    assert sum("the same as an earlier entry's" in x for x in lines) == 2, lines
     arts = {a["backend"]: a for a in b.manifest["artifacts"]}
     assert set(arts) == {"onnxruntime", "torch", "tflite"}
     for name, art in arts.items():
