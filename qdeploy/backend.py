@@ -197,6 +197,11 @@ class Backend(ABC):
         (AVX2 saturates u8 x s8 pair sums in int16). Optional."""
         return None
 
+    def has_exact_form(self, plan: Plan) -> bool:
+        """Whether the artifact ``plan`` would build has an :meth:`exact_runner` (for ``check``, which says how a
+        deploy would judge it before anything is built). Optional; implement it with :meth:`exact_runner`."""
+        return False
+
     def release(self) -> None:
         """Drop what the backend kept between the builds of one profile entry's fallback run (a model's exported
         or calibrated graphs, say). The core calls it when the entry's run ends, kept artifact or not. Optional."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .backend import OrtRunner
+from .backend import OrtRunner, Plan
 from .bundle import SAMPLES, Bundle, commit, path_sha256, path_size, prepare_output
 from .calibration import Dataset, collect_ranges, open_data
 from .errors import BackendError, BudgetNotMet, DataError, NothingBuilt, StrictPolicyError
@@ -89,7 +89,7 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
             numerics = ""
             if res.runnable:
                 layers, _ = initial_layer_precisions(res, entry_layers(res, handle))
-                layers = _check_translation(res, handle, layers)
+                layers, plan = _check_translation(res, handle, layers)
                 if res.caps and res.caps.verified_on == "simulated" and not res.caps.oracle:  # as deploy records it
                     res.note("BACKEND_UNAVAILABLE", f"the {res.target.backend} runtime is not available here"
                              f"{f' ({res.caps.reason})' if res.caps.reason else ''}: its artifact is built for the "
@@ -97,9 +97,12 @@ def check(model: Any, target: str | Profile | None = None, spec: Any = None, inp
                 if res.spec is not None and res.caps is not None:
                     transforms = transforms_preview(res.spec, handle, res.caps)
                 if "int8" in layers.values():
-                    from .profile_numerics import emulated_numerics
+                    from .profile_numerics import emulated_numerics, exact_numerics
 
                     numerics = emulated_numerics(profile, res.target.backend)
+                    if not numerics and plan is not None and res.backend is not None \
+                            and res.backend.has_exact_form(plan) and (words := exact_numerics(profile)):
+                        numerics = f"{words}; the artifact's quantize/dequantize program run as float arithmetic"
             entries.append({
                 "target": res.target.label, "runnable": res.runnable,
                 "precision": res.spec.precision if res.spec else None, "ladder": list(res.ladder),
@@ -194,20 +197,21 @@ def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, ca
     return bundle
 
 
-def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> dict[str, str]:
-    """What the backend would really build (its translation, nothing built): layers it moves are events."""
+def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> tuple[dict[str, str], Plan | None]:
+    """What the backend would really build (its translation, nothing built): layers it moves are events. Returns
+    the layers' precisions and the plan (None when nothing was translated)."""
     if not layers or res.spec is None or res.backend is None:
-        return layers
+        return layers, None
     try:
         plan = res.backend.translate(handle, res.spec, res.target, dict(layers))
     except BackendError as exc:
         res.note(exc.code, str(exc))
         res.spec = None  # not runnable: the deploy would record the same event and move on
-        return {}
+        return {}, None
     except Exception as exc:  # a plugin's translation must not take `check` down
         res.note("BUILD_FAILED", f"translation failed: {type(exc).__name__}: {exc}")
         res.spec = None
-        return {}
+        return {}, None
     strict = res.spec.fallback.policy == "strict"
     for name, want, got, why in moved_layers(res, layers, plan):
         res.note("PRECISION_UNSUPPORTED", f"layer {name}: {why}; "
@@ -215,8 +219,8 @@ def _check_translation(res: Resolution, handle: Any, layers: dict[str, str]) -> 
                  layer=name, requested=want, resolved=got)
         if strict:  # as the deploy would: refused, this entry does not run
             res.spec = None
-            return {}
-    return dict(plan.layer_precisions)
+            return {}, None
+    return dict(plan.layer_precisions), plan
 
 
 def _deploy(registry: Registry, model_src: Any, profile: Profile, spec: QuantSpec, calib: Any, val: Any,

@@ -279,6 +279,14 @@ def test_an_exact_accumulation_target_is_judged_with_the_programs_float_form(dig
     numerics = art["verification"].get("numerics", "")
     assert (words in numerics and "float arithmetic" in numerics and art["verified_on"] == "simulated") if words \
         else not numerics, (words, numerics)
+    # check says so before anything is built (an onednn entry builds through FX: no such form)
+    entry = qdeploy.check(DIGITS, target="x86-avx512-vnni", spec=SPEC, input_shape="1x1x8x8",
+                          backends=["torch"])["entries"][0]
+    assert (words in entry["int8_accuracy_numerics"] and "float arithmetic" in entry["int8_accuracy_numerics"]) \
+        if words else not entry["int8_accuracy_numerics"], entry
+    fx = qdeploy.check(DIGITS, target=onednn_profile(), spec=SPEC, input_shape="1x1x8x8",
+                       backends=["torch"])["entries"][0]
+    assert fx["runnable"] and not fx["int8_accuracy_numerics"], fx
     path = digits_bundle.path / art["path"]
     exact = backend().exact_runner(path, art["meta"])
     assert exact.exact and backend().exact_runner(path, {**art["meta"], "path": "fx"}) is None

@@ -216,6 +216,9 @@ class TorchBackend(Backend):
         exact.simulated = True  # an emulation of the target's arithmetic, not the artifact's runtime: said so
         return exact
 
+    def has_exact_form(self, plan: Plan) -> bool:
+        return plan.state.get("path") == "pt2e"
+
 
 @hookimpl
 def qdeploy_register_backends(register: Any) -> None:
