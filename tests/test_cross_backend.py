@@ -162,3 +162,28 @@ def test_an_observer_of_a_padding_is_matched_to_the_unpadded_tensor():
     seen = {"right": np.pad(v, ((0, 0), (0, 0), (0, 1), (0, 1))), "both": np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))),
             "same": v, "shifted": np.pad(v, ((0, 0), (0, 0), (0, 1), (0, 1))) + 1}
     assert _match(seen, {"t": v, "twice": 2 * v}) == {"right": ("t", True), "both": ("t", True), "same": ("t", False)}
+
+
+def test_the_reference_values_are_computed_once_per_model_and_sample(tmp_path, monkeypatch):
+    """Each trial of a torch search calibrates again: the reference tensors of the same model on the same sample
+    come from the last answer, not from a new session; another sample, or a rewritten model, runs again."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qdeploy import torch_bridge, transforms
+
+    path = tmp_path / "m.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    made = []
+    real = transforms._session
+    monkeypatch.setattr(transforms, "_session", lambda *a, **k: made.append(1) or real(*a, **k))
+    x = np.array([[-1, 2, -3, 4]], np.float32)
+    first = torch_bridge._tensor_values(path, ["r", "y"], {"x": x})
+    np.testing.assert_array_equal(first["r"], [[0, 2, 0, 4]])
+    again = torch_bridge._tensor_values(path, ["y", "r"], {"x": x.copy()})
+    assert len(made) == 1 and again.keys() == first.keys()
+    torch_bridge._tensor_values(path, ["r", "y"], {"x": -x})
+    assert len(made) == 2
