@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--granularity", default="per_channel,per_tensor")
     ap.add_argument("--headroom", type=float, default=2.0, help="CLE clip headroom (see cross_layer_equalization)")
     ap.add_argument("--ada-iterations", type=int, default=1000, help="AdaRound steps per layer (variants with ada)")
+    ap.add_argument("--keep", help="a folder to keep each variant's transformed FP32 model in (for "
+                                   "bench_error_budget.py --model)")
     args = ap.parse_args()
     import logging
 
@@ -142,6 +144,9 @@ def main() -> None:
                                                   clip_headroom=args.headroom, simulate_activations="bc" in parts)
                 path = work / f"{variant}_{gran}.onnx"
                 onnx.save(model, str(path))
+                if args.keep:
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
+                    onnx.save(model, str(Path(args.keep) / path.name))
                 out = run(path, data["val"])
                 drift = float(np.abs(out - fp32).max() / np.abs(fp32).max())
                 summary = [{k: e[k] for k in ("transform", "applied", "count", "skipped", "reason")} for e in events]
