@@ -152,7 +152,6 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=300)
     ap.add_argument("--val", type=int, default=200)
     args = ap.parse_args()
-    import efficientnet
     import onnx
 
     from qdeploy.calibration import collect_ranges, open_data
@@ -161,17 +160,7 @@ def main() -> None:
     from qdeploy.transforms import fold_batchnorm
 
     t0 = time.time()
-    cache = ROOT / "build" / "bench_ptq"
-    cache.mkdir(parents=True, exist_ok=True)
-    data = {}
-    for name, n, seed in (("calib", args.calib, 1), ("val", args.val, 2)):
-        f = cache / f"{name}_{n}.npy"
-        if not f.exists():
-            np.save(f, efficientnet.crops(n, seed))
-        data[name] = np.load(f)
-    ref_path = cache / "reference.onnx"
-    if not ref_path.exists():
-        load_model(f"{ROOT / 'examples' / 'efficientnet.py'}:build_model", ref_path, "1x3x224x224")
+    data, ref_path = B.crops_and_reference(args.calib, args.val)
     fp32 = B.run(ref_path, data["val"])
     src = Path(args.model) if args.model else ref_path
     model = fold_batchnorm(onnx.load(str(src)))[0]

@@ -79,6 +79,26 @@ def quantize(src: Path, dst: Path, ranges: Any, per_channel: bool, work: Path) -
                         per_channel=per_channel, nodes_to_exclude=unranged, calibrate_method=CalibrationMethod.MinMax)
 
 
+def crops_and_reference(calib: int, val: int) -> tuple[dict[str, np.ndarray], Path]:
+    """The calibration and validation crops and the exported FP32 reference, cached in build/bench_ptq/."""
+    import efficientnet
+
+    from qdeploy.model import load_model
+
+    cache = ROOT / "build" / "bench_ptq"
+    cache.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for name, n, seed in (("calib", calib, 1), ("val", val, 2)):
+        f = cache / f"{name}_{n}.npy"
+        if not f.exists():
+            np.save(f, efficientnet.crops(n, seed))
+        data[name] = np.load(f)
+    ref_path = cache / "reference.onnx"
+    if not ref_path.exists():
+        load_model(f"{ROOT / 'examples' / 'efficientnet.py'}:build_model", ref_path, "1x3x224x224")
+    return data, ref_path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", type=int, default=300)
@@ -97,7 +117,6 @@ def main() -> None:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("qdeploy.adaround").setLevel(logging.DEBUG)  # one line per layer: AdaRound is the slow part
 
-    import efficientnet
     import onnx
 
     from qdeploy import transforms as T
@@ -106,18 +125,8 @@ def main() -> None:
     from qdeploy.spec import (ActivationSpec, AdaRoundSpec, CalibrationSpec, PerTensor, QuantSpec, TransformsSpec,
                               WeightSpec)
 
-    cache = ROOT / "build" / "bench_ptq"
-    cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = {}
-    for name, n, seed in (("calib", args.calib, 1), ("val", args.val, 2)):
-        f = cache / f"{name}_{n}.npy"
-        if not f.exists():
-            np.save(f, efficientnet.crops(n, seed))
-        data[name] = np.load(f)
-    ref_path = cache / "reference.onnx"
-    if not ref_path.exists():
-        load_model(f"{ROOT / 'examples' / 'efficientnet.py'}:build_model", ref_path, "1x3x224x224")
+    data, ref_path = crops_and_reference(args.calib, args.val)
     print(f"data + reference: {time.time() - t0:.0f}s", flush=True)
     original = onnx.load(str(ref_path))
     in_name = original.graph.input[0].name
