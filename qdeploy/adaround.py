@@ -33,8 +33,9 @@ REG_WEIGHT = 0.01
 """The rounding regulariser's weight (the paper's lambda) against the mean squared output error."""
 LR = 1e-3
 """Adam's learning rate on the rounding variables. Measured on the small reference CNN (tests/test_transforms.py),
-held-out output error of weights alone vs rounding to nearest, 1000 iterations: 0.46x (INT8 per tensor) and 0.63x
-(INT4 per channel) with this rate and the mean error; 0.61x and 0.83x with 1e-2 and the error summed per row."""
+held-out output error of weights alone vs rounding to nearest, 1000 iterations: 0.26x (INT8 per tensor) and 0.67x
+(INT4 per channel) with this rate and the error through second moments (0.75x and 0.63x with 512-row batches);
+earlier, with batches, 0.61x and 0.83x with 1e-2 and the error summed per row."""
 WARMUP = 0.2
 """The fraction of the iterations spent on the reconstruction alone before the regulariser starts."""
 POSITIONS = 4096

