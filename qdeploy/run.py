@@ -423,16 +423,18 @@ class FallbackRun:
         import onnx
 
         from .model import sha256_file
-        from .transforms import transform_model
+        from .transforms import _Graph, _layers, _name, transform_model
 
         ctx = self.ctx
         calib = ctx.calib
         feeds = (lambda: (x for x, _ in calib.batches(16))) if calib is not None else None
         layers = [ctx.model.layers[n].node for n, p in self.layer_prec.items() if p in QUANTIZED]
-        # what the transformed reference depends on: the transforms, the weights they round to, the activations
-        # bias correction and AdaRound simulate, the layers that will be quantized
-        key = (repr(spec.transforms), repr(spec.weights), repr(spec.activations), tuple(sorted(layers)))
         reference = onnx.load(str(ctx.model.onnx_path))
+        # what the transformed reference depends on: the transforms, the weights they round to, the activations
+        # bias correction and AdaRound simulate, the weighted layers that will be quantized (the transforms touch
+        # no other: an entry that also quantizes its Adds or pools gets the same reference)
+        weighted = tuple(sorted(_name(n) for n in _layers(_Graph(reference), layers)))
+        key = (repr(spec.transforms), repr(spec.weights), repr(spec.activations), weighted)
         if key in ctx.transform_cache:
             path, summary, took = ctx.transform_cache[key]
             if path is None:
