@@ -79,6 +79,58 @@ def quantize(src: Path, dst: Path, ranges: Any, per_channel: bool, work: Path) -
                         per_channel=per_channel, nodes_to_exclude=unranged, calibrate_method=CalibrationMethod.MinMax)
 
 
+def vnni() -> bool:
+    """Whether this CPU has an 8-bit dot product (AVX-512 VNNI or AVX-VNNI): without one onnxruntime's u8 x s8
+    kernels sum pairs of products in saturating int16, and INT8 speed and accuracy here say little of a VNNI
+    target's."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def timed(ref_path: Path, rows: list[dict[str, Any]], data: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
+    """Every artifact of ``rows``, the FP32 reference and onnxruntime ``quantize_static`` with its defaults (QDQ,
+    s8 activations, per-tensor weights, MinMax on the same calibration crops), timed side by side in this process
+    on this CPU's kernels (qdeploy's interleaved timer, one thread each, batch 8): median ms and the ratio to FP32."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from qdeploy.backend import OrtRunner, quiet
+    from qdeploy.verify import side_by_side
+
+    name = _session(ref_path).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter({name: data["calib"][i:i + 1]} for i in range(len(data["calib"])))
+
+        def get_next(self) -> Any:
+            return next(self.it, None)
+
+    direct = work / "quantize_static_defaults.onnx"
+    t = time.time()
+    with quiet(""):
+        quantize_static(str(ref_path), str(direct), Reader())
+    print(f"quantize_static defaults: {time.time() - t:.0f}s", flush=True)
+    fp32 = run(ref_path, data["val"])
+    paths = {"fp32": ref_path, "quantize_static defaults": direct}
+    paths.update({f"{r['variant']} {r['granularity']} {r['method']}": r["artifact"] for r in rows})
+    runners = {k: OrtRunner(p, threads=1) for k, p in paths.items()}
+    feed = {name: data["val"][:8]}
+    times = side_by_side(runners, feed, batch=8, rounds=20, budget_s=240, warmup=1, reference="fp32")
+    out: dict[str, Any] = {}
+    for k, p in paths.items():  # the ratio: the median over rounds of FP32's time / this one's in the same round
+        out[k] = {"median_ms": times[k].median_ms, "speedup_vs_fp32": times[k].vs_reference}
+        if k != "fp32":
+            out[k].update(metrics(fp32, run(p, data["val"])))
+    import onnxruntime
+
+    return {"where": f"onnxruntime {onnxruntime.__version__} CPU kernels, 1 thread, batch 8, "
+                     f"{'with' if vnni() else 'WITHOUT'} an 8-bit dot product (VNNI), interleaved rounds",
+            "artifacts": out}
+
+
 def crops_and_reference(calib: int, val: int) -> tuple[dict[str, np.ndarray], Path]:
     """The calibration and validation crops and the exported FP32 reference, cached in build/bench_ptq/."""
     import efficientnet
@@ -111,6 +163,11 @@ def main() -> None:
     ap.add_argument("--ada-iterations", type=int, default=1000, help="AdaRound steps per layer (variants with ada)")
     ap.add_argument("--keep", help="a folder to keep each variant's transformed FP32 model in (for "
                                    "bench_error_budget.py --model)")
+    ap.add_argument("--reuse-kept", action="store_true", help="load a variant's transformed model from --keep when "
+                                                                  "it is there instead of transforming again")
+    ap.add_argument("--latency", action="store_true",
+                    help="also time every artifact against the FP32 reference side by side on this CPU's kernels "
+                         "(1 thread, batch 8), with onnxruntime quantize_static's defaults on the same crops")
     args = ap.parse_args()
     import logging
 
@@ -149,9 +206,14 @@ def main() -> None:
                                        bias_correction="empirical" if {"bc", "bcw"} & set(parts) else False,
                                        adaround=AdaRoundSpec(args.ada_iterations) if "ada" in parts else False)
                 spec = QuantSpec(weights=ws, activations=ActivationSpec(mode="static"), transforms=tspec)
-                model, events = T.transform_model(original, spec, calib_feeds, max_samples=args.bc_samples,
-                                                  clip_headroom=args.headroom, simulate_activations="bc" in parts)
                 path = work / f"{variant}_{gran}.onnx"
+                kept = Path(args.keep or ".") / path.name
+                if args.reuse_kept and args.keep and kept.exists():
+                    model, events = onnx.load(str(kept)), [{"transform": "kept", "applied": True, "count": None,
+                                                            "skipped": 0, "reason": str(kept)}]
+                else:
+                    model, events = T.transform_model(original, spec, calib_feeds, max_samples=args.bc_samples,
+                                                      clip_headroom=args.headroom, simulate_activations="bc" in parts)
                 onnx.save(model, str(path))
                 if args.keep:
                     Path(args.keep).mkdir(parents=True, exist_ok=True)
@@ -182,15 +244,18 @@ def main() -> None:
                 m = metrics(fp32, run(q, data["val"]))
                 f = metrics(fp32, run(q, data["val"], basic=True))
                 rows.append({"variant": variant, "granularity": gran, "method": method, **m,
-                             "float_qdq": f, "fp32_drift": drift, "transforms": summary})
+                             "float_qdq": f, "fp32_drift": drift, "transforms": summary, "artifact": q})
                 print(f"{variant:>8} {gran:<11} {method:<10} top1 {m['top1_agreement']:.3f}  cosine "
                       f"{m['cosine']:.4f}  | float Q/DQ top1 {f['top1_agreement']:.3f} cosine {f['cosine']:.4f}"
                       f"  ({time.time() - t1:.0f}s)", flush=True)
+        latency = timed(ref_path, rows, data, work) if args.latency else None
+        for r in rows:
+            r["artifact"] = r["artifact"].name
     import onnxruntime
 
     report = {"where": f"onnxruntime {onnxruntime.__version__} CPU, {platform.processor() or platform.machine()}",
-              "calib": args.calib, "val": args.val, "bc_samples": args.bc_samples, "clip_headroom": args.headroom,
-              "seconds": time.time() - t0, "rows": rows}
+              "cpu_int8_dot_product": vnni(), "calib": args.calib, "val": args.val, "bc_samples": args.bc_samples,
+              "clip_headroom": args.headroom, "seconds": time.time() - t0, "rows": rows, "latency": latency}
     out = ROOT / "build" / "bench_ptq.json"
     out.write_text(json.dumps(report, indent=2, default=float))
     print(f"\n{'variant':<9} {'weights':<12} {'method':<11} {'top1 agr':>8} {'cosine':>7} | float Q/DQ "
@@ -199,6 +264,11 @@ def main() -> None:
         print(f"{r['variant']:<9} {r['granularity']:<12} {r['method']:<11} {r['top1_agreement']:>8.3f} "
               f"{r['cosine']:>7.4f} | {'':>10} {r['float_qdq']['top1_agreement']:>6.3f} "
               f"{r['float_qdq']['cosine']:>7.4f}")
+    if latency:
+        print(f"\nlatency, {latency['where']}")
+        for name, v in latency["artifacts"].items():
+            acc = (f"  top1 {v['top1_agreement']:.3f} cosine {v['cosine']:.4f}" if "cosine" in v else "")
+            print(f"{name:<40} {v['median_ms']:8.2f} ms  {v['speedup_vs_fp32']:5.2f}x FP32{acc}")
     print(f"wrote {out} ({report['seconds']:.0f}s)")
 
 
