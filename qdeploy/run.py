@@ -71,7 +71,7 @@ def transforms_preview(spec: QuantSpec, model: ModelHandle, caps: Capabilities) 
 
     from .transforms import decide
 
-    chosen = decide(onnx.load(str(model.onnx_path), load_external_data=False), spec)
+    chosen = decide(onnx.load(str(model.onnx_path), load_external_data=False), spec, after_miss=mode == "auto")
     when = ("applied to the reference before the first build" if mode == "on" else
             "tried on the reference one at a time (CLE, bias correction, AdaRound) after a plain build misses the "
             "budget, each kept only if it verifies better")
@@ -365,7 +365,8 @@ class FallbackRun:
 
         from .transforms import decide
 
-        chosen = decide(onnx.load(str(self.ctx.model.onnx_path), load_external_data=False), self.spec)
+        chosen = decide(onnx.load(str(self.ctx.model.onnx_path), load_external_data=False), self.spec,
+                        after_miss=True)
         steps = [t for t in TECHNIQUE_ORDER if chosen[t][0]]
         kept: list[str] = []
         best, tried, kept_events = plain, [], []
@@ -408,12 +409,19 @@ class FallbackRun:
         return trials
 
     def _only(self, techniques: list[str]) -> QuantSpec:
-        """The spec with only ``techniques`` of the transforms on (as "auto" resolved them), the rest off."""
+        """The spec with only ``techniques`` of the transforms on (as "auto" resolved them), the rest off. An
+        "auto" AdaRound becomes explicit: after a missed budget it runs on per-channel weights too, which the
+        transforms' own "auto" (applied before any build) leaves off."""
         import dataclasses
 
+        from .spec import AdaRoundSpec
+
         t = self.spec.transforms
-        return self.spec.replace(transforms=dataclasses.replace(
-            t, **{name: (getattr(t, name) if name in techniques else False) for name in TECHNIQUE_ORDER}))
+
+        def value(name: str) -> Any:
+            v = getattr(t, name) if name in techniques else False
+            return AdaRoundSpec() if name == "adaround" and v == "auto" else v
+        return self.spec.replace(transforms=dataclasses.replace(t, **{name: value(name) for name in TECHNIQUE_ORDER}))
 
     def _transformed(self, spec: QuantSpec) -> tuple[ModelHandle | None, list[dict[str, Any]]]:
         """The reference with ``spec``'s transforms applied, as a handle with the same layer map (None when no

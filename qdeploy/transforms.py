@@ -906,11 +906,15 @@ def _event(transform: str, changes: list[Change], applied: bool, reason: str) ->
             "skipped": len(changes) - len(done), "reason": reason, "changes": changes}
 
 
-def decide(model: Any, spec: QuantSpec) -> dict[str, tuple[Any, str]]:
+def decide(model: Any, spec: QuantSpec, after_miss: bool = False) -> dict[str, tuple[Any, str]]:
     """What :func:`transform_model` does to ``model`` (an ONNX ModelProto, BatchNorm folded or not) under
     ``spec``, with why: ``cross_layer_equalization`` (bool), ``smoothquant`` (alpha or False), ``adaround``
     (iterations or False) and ``bias_correction`` ("empirical" / "analytic" / False). ``"auto"`` resolves here: CLE when weights are per
-    tensor or the model has depthwise convs, bias correction (empirical, sequential) on models with a Conv."""
+    tensor or the model has depthwise convs, bias correction (empirical, sequential) on models with a Conv, AdaRound
+    on per-tensor weights of models with a Conv when PyTorch is installed -- and, with ``after_miss`` (the
+    techniques a fallback run tries one at a time after a plain build missed its budget, before it spends
+    precision), on per-channel weights too: minutes of CPU on a large model, so only when it is that or a layer
+    above INT8 (on EfficientNet-Lite0 per channel it took cosine 0.9933 to 0.9985, README)."""
     t = spec.transforms
     quantized = spec.uses_quantized
     nothing = "" if quantized else ", nothing quantized"
@@ -946,11 +950,13 @@ def decide(model: Any, spec: QuantSpec) -> dict[str, tuple[Any, str]]:
         per_tensor = isinstance(spec.weights.granularity, PerTensor)
         convs = any(n.op_type == "Conv" for n in model.graph.node)
         torch = importlib.util.find_spec("torch") is not None
-        if per_tensor and convs and torch:
-            ada, ada_why = AdaRoundSpec().iterations, "auto: per-tensor weights of a convolutional model"
+        if (per_tensor or after_miss) and convs and torch:
+            ada, ada_why = AdaRoundSpec().iterations, ("auto: per-tensor weights of a convolutional model"
+                                                       if per_tensor else "auto: a convolutional model, tried last "
+                                                       "after a missed budget, before any layer is promoted")
         else:
-            ada_why = "auto: " + ("per-channel weights" if not per_tensor else "no Conv layer" if not convs else
-                                  "PyTorch is not installed (it runs AdaRound)")
+            ada_why = "auto: " + ("per-channel weights (tried only after a missed budget)" if not per_tensor else
+                                  "no Conv layer" if not convs else "PyTorch is not installed (it runs AdaRound)")
     else:
         ada = t.adaround.iterations  # type: ignore[union-attr]
         ada_why = f"adaround iterations = {ada}"

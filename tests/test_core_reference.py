@@ -91,6 +91,8 @@ def test_check_says_which_transforms_a_deploy_would_apply():
     assert t["transforms"]["adaround"]["apply"] is torch_here, t["transforms"]["adaround"]
     (entry,) = qdeploy.check(SENSITIVE, target="reference", input_shape="1x1x8x8")["entries"]
     assert entry["transforms"]["transforms"]["cross_layer_equalization"]["apply"] is False  # per channel, no dw
+    ada = entry["transforms"]["transforms"]["adaround"]  # per channel: the last technique after a miss
+    assert ada["apply"] is torch_here and (not torch_here or "after a missed budget" in ada["why"]), ada
     explicit = {"transforms": {"cross_layer_equalization": True, "bias_correction": False}}
     (entry,) = qdeploy.check(SENSITIVE, target="reference", spec=explicit, input_shape="1x1x8x8")["entries"]
     assert entry["transforms"]["mode"] == "on" and "before the first build" in entry["transforms"]["reason"]

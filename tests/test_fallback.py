@@ -307,3 +307,20 @@ def test_techniques_before_precision_recover_the_outlier_model_with_no_layer_abo
     assert not [e for e in b.manifest["events"] if e.get("action") == "promote"]
     # every artifact is still verified against the original reference
     assert b.manifest["reference"]["sha256"] == b.manifest["model"]["sha256"]
+
+
+def test_adaround_is_tried_on_per_channel_weights_before_any_layer_is_promoted(tmp_path, digits_data):
+    """Per-channel weights: "auto" leaves AdaRound off before the first build (minutes of CPU on a large model),
+    but once the plain build and bias correction have missed, it is the last technique tried before precision is
+    spent -- measured, an event with the metric before and after, kept only if it verifies better."""
+    pytest.importorskip("torch")
+    spec = {"weights": {"bits": 4}, "budget": {"metric": "top1_agreement", "threshold": 0.9995}}
+    b = qdeploy.deploy(SENSITIVE, target="reference", spec=spec, calib=digits_data / "calib.npz",
+                       val=digits_data / "val.npz", output=tmp_path / "b", input_shape="1x1x8x8")
+    art = b.artifacts[0]
+    steps = art["transforms"]["steps"]
+    assert [s["technique"] for s in steps][-1] == "adaround", steps
+    [ada] = [e for e in b.manifest["events"] if e.get("action") == "transform" and e["technique"] == "adaround"]
+    assert ada["before"] == steps[-1]["before"] and ada["value"] == steps[-1]["value"]
+    promoted = [e["trial"] for e in b.manifest["events"] if e.get("action") == "promote"]
+    assert all(t > ada["trial"] for t in promoted)  # precision only after the techniques
