@@ -341,6 +341,7 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
         stop_reason = f"trial/time budget spent ({len(trials)} verification(s), {time.monotonic() - start:.0f} s)"
     scores = score(candidates) if not stop_reason else {}
     order = promotion_order({n: scores.get(n, (0.0, 0.0)) for n in candidates}) if not stop_reason else []
+    searched_from = len(trials)  # the first promotion starts from ``first`` (the best so far), not the last tried
     for rung in res.ladder[1:] if not stop_reason else ():
         targets: dict[str, tuple[str, list[str]]] = {}  # layer -> (the rung it gets, rungs it skipped and why)
 
@@ -378,7 +379,7 @@ def accuracy_loop(res: Resolution, build_and_verify: Callable[[dict[str, str], i
             moves = [(name, *target_of(name)) for name in order[:k]]
             shown = ", ".join(f"{n} -> {t}" + (f" (skipped {'; '.join(sk)})" if sk else "") for n, t, sk in moves[:6])
             more = f" and {len(moves) - 6} more" if len(moves) > 6 else ""
-            last = trials[-1].budget
+            last = (trials[-1] if len(trials) > searched_from else first).budget
             events.emit("ACCURACY_BELOW_BUDGET", label,
                         f"{last.describe()}; trial {len(trials)} promotes {k} of {len(order)} layers from "
                         f"{res.ladder[0]} ({phase}, by predicted gain per cost): {shown}{more}",
