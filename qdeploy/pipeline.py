@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -192,6 +193,9 @@ def deploy(model: Any, target: str | Profile | None = None, spec: Any = None, ca
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        bridge = sys.modules.get("qdeploy.torch_bridge")  # its reference values are of files in ``work``: gone
+        if bridge is not None:
+            bridge.forget()
     bundle = Bundle(output, manifest)
     registry.pm.hook.qdeploy_on_report(manifest=bundle.manifest, bundle_dir=output)
     return bundle

@@ -255,6 +255,11 @@ _LAST_VALUES: list[Any] = []
 """(key, values) of :func:`_tensor_values`' last call."""
 
 
+def forget() -> None:
+    """Drop the reference values :func:`_tensor_values` keeps (a deploy calls it when its work folder is gone)."""
+    _LAST_VALUES.clear()
+
+
 def _match(seen: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> dict[str, tuple[str, bool]]:
     """Observer -> (the ONNX tensor whose values are nearest its input, relative L2 within
     :data:`MATCH_TOLERANCE`; whether the observer's input is that tensor zero-padded). Same shape first; else, for

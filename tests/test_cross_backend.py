@@ -187,3 +187,7 @@ def test_the_reference_values_are_computed_once_per_model_and_sample(tmp_path, m
     assert len(made) == 1 and again.keys() == first.keys()
     torch_bridge._tensor_values(path, ["r", "y"], {"x": -x})
     assert len(made) == 2
+    torch_bridge.forget()  # what a deploy does once its work folder is gone: nothing held, the next call runs
+    assert not torch_bridge._LAST_VALUES
+    torch_bridge._tensor_values(path, ["r", "y"], {"x": -x})
+    assert len(made) == 3
