@@ -7,7 +7,10 @@ the transforms on, the transformed weights written into the PyTorch module. onnx
 Q/DQ (exact int32 accumulation: what the target computes; this host's AVX2 kernels saturate), torch's and
 LiteRT's on their own runtimes here.
 
-    python benchmarks/bench_cross_backend.py [--model efficientnet|digits] [--transforms on,off] [--val 200]
+    python benchmarks/bench_cross_backend.py [--model efficientnet|digits] [--transforms on,off,ada] [--val 200]
+
+``on``: CLE + bias correction; ``ada``: CLE + AdaRound (on its searched grid) + bias correction: the learned
+integers must reach all three backends (each derives its weight scales from the written weights' max-abs).
 
 Models: EfficientNet-Lite0 on real photo crops (``examples/efficientnet.py``, per-tensor weights, CLE + bias
 correction), or the trained digits CNN with a 256x outlier channel (``examples/digits.py``). Prints a table and
@@ -66,11 +69,11 @@ def main() -> None:
     x = dict(np.load(data / "val.npz"))["input"][:args.val]
     rows = []
     for setting in args.transforms.split(","):
-        on = setting == "on"
+        on = setting in ("on", "ada")
         spec = {"precision": "int8", "weights": {"bits": 8, "symmetric": True, "granularity": "per_tensor"},
                 "activations": {"mode": "static", "method": "minmax"},
                 "transforms": {"cross_layer_equalization": on, "bias_correction": "empirical" if on else False,
-                               "adaround": False},
+                               "adaround": {"iterations": 1000} if setting == "ada" else False},
                 "budget": {"metric": "cosine", "mode": "absolute", "threshold": 0.1}, "fallback": {"max_trials": 1}}
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
