@@ -79,39 +79,28 @@ def quantize(src: Path, dst: Path, ranges: Any, per_channel: bool, work: Path) -
                         per_channel=per_channel, nodes_to_exclude=unranged, calibrate_method=CalibrationMethod.MinMax)
 
 
-def vnni() -> bool:
-    """Whether this CPU has an 8-bit dot product (AVX-512 VNNI or AVX-VNNI): without one onnxruntime's u8 x s8
-    kernels sum pairs of products in saturating int16, and INT8 speed and accuracy here say little of a VNNI
-    target's."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+def accumulation() -> Any:
+    """How this CPU's INT8 kernels accumulate (qdeploy's own model of it): without an 8-bit dot product (VNNI)
+    onnxruntime's u8 x s8 kernels sum pairs of products in saturating int16, and INT8 speed and accuracy here say
+    little of a VNNI target's."""
+    from qdeploy.profile_numerics import accumulation_of
+    from qdeploy.profiles import cpu_flags
+
+    return accumulation_of("cpu", platform.machine(), cpu_flags())
 
 
 def timed(ref_path: Path, rows: list[dict[str, Any]], data: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
     """Every artifact of ``rows``, the FP32 reference and onnxruntime ``quantize_static`` with its defaults (QDQ,
     s8 activations, per-tensor weights, MinMax on the same calibration crops), timed side by side in this process
     on this CPU's kernels (qdeploy's interleaved timer, one thread each, batch 8): median ms and the ratio to FP32."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    from bench_onnxruntime import direct_quantize_static
 
-    from qdeploy.backend import OrtRunner, quiet
+    from qdeploy.backend import OrtRunner
     from qdeploy.verify import side_by_side
 
     name = _session(ref_path).get_inputs()[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter({name: data["calib"][i:i + 1]} for i in range(len(data["calib"])))
-
-        def get_next(self) -> Any:
-            return next(self.it, None)
-
-    direct = work / "quantize_static_defaults.onnx"
     t = time.time()
-    with quiet(""):
-        quantize_static(str(ref_path), str(direct), Reader())
+    direct = direct_quantize_static(ref_path, work / "quantize_static_defaults.onnx", {name: data["calib"]})
     print(f"quantize_static defaults: {time.time() - t:.0f}s", flush=True)
     fp32 = run(ref_path, data["val"])
     paths = {"fp32": ref_path, "quantize_static defaults": direct}
@@ -126,8 +115,8 @@ def timed(ref_path: Path, rows: list[dict[str, Any]], data: dict[str, np.ndarray
             out[k].update(metrics(fp32, run(p, data["val"])))
     import onnxruntime
 
-    return {"where": f"onnxruntime {onnxruntime.__version__} CPU kernels, 1 thread, batch 8, "
-                     f"{'with' if vnni() else 'WITHOUT'} an 8-bit dot product (VNNI), interleaved rounds",
+    return {"where": f"onnxruntime {onnxruntime.__version__} CPU kernels, 1 thread, batch 8, interleaved rounds; "
+                     f"{accumulation().why}",
             "artifacts": out}
 
 
@@ -254,8 +243,8 @@ def main() -> None:
     import onnxruntime
 
     report = {"where": f"onnxruntime {onnxruntime.__version__} CPU, {platform.processor() or platform.machine()}",
-              "cpu_int8_dot_product": vnni(), "calib": args.calib, "val": args.val, "bc_samples": args.bc_samples,
-              "clip_headroom": args.headroom, "seconds": time.time() - t0, "rows": rows, "latency": latency}
+              "int8_accumulation": accumulation().kind, "calib": args.calib, "val": args.val,
+              "bc_samples": args.bc_samples, "clip_headroom": args.headroom, "seconds": time.time() - t0, "rows": rows, "latency": latency}
     out = ROOT / "build" / "bench_ptq.json"
     out.write_text(json.dumps(report, indent=2, default=float))
     print(f"\n{'variant':<9} {'weights':<12} {'method':<11} {'top1 agr':>8} {'cosine':>7} | float Q/DQ "

@@ -16,8 +16,8 @@ tensor, CLE + AdaRound + bias correction as float Q/DQ: top-1 agreement 0.890 ->
 
 The learned weights are written back *dequantized* (``s * q``, exactly on the grid of the chosen scales) and the
 element that sets each scale keeps its nearest rounding (the grid's end), so the scale a backend derives from the
-new weights is the one AdaRound used: every backend that quantizes weights symmetrically from their max-abs (onnxruntime, torch,
-LiteRT, TensorRT) picks the same integers. Asymmetric and per-group weights are left alone (said in the event).
+new weights is the one AdaRound used: every backend that quantizes weights symmetrically from their max-abs
+(onnxruntime, torch, LiteRT, TensorRT) picks the same integers. Asymmetric and per-group weights are left alone (said in the event).
 
 The inputs are sampled, not kept whole: a Conv's receptive-field patches at random output positions of the first
 calibration samples, a Gemm/MatMul's rows; the optimisation runs in torch (imported here only).
@@ -220,7 +220,9 @@ def adaround(model: Any, calib: Sequence[Mapping[str, np.ndarray]], weights: Wei
     With ``act_ranges`` (each layer input's range), a layer's rounding reconstructs its FP32 output from the
     input the quantized model gives it -- the layers above with the roundings already learned, 8-bit activations
     on every layer input -- so it also absorbs the error of the activations and of the layers above (the paper's
-    asymmetric reconstruction, layer by layer)."""
+    asymmetric reconstruction, layer by layer). ``search_range``: search each layer's grid first
+    (:func:`_search_grid`); False keeps the max-abs grid (the baseline the ratios measured at :data:`LR` compare
+    with)."""
     from .transforms import (Change, _attr, _chunks, _copy, _Graph, _layers, _name, _quant_axis, _session, _weight,
                              simulate_quantized)
 
